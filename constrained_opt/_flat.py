@@ -150,9 +150,7 @@ class FlatLayout:
             while j < len(entries) and entries[j][0] == gi:
                 j += 1
             end = offsets[j] if j < len(entries) else n
-            groups.append(
-                GroupSlice(gi, offsets[i], end, params[i:j], (views[0][i:j], views[1][i:j]))
-            )
+            groups.append(GroupSlice(gi, offsets[i], end, params[i:j], (views[0][i:j], views[1][i:j])))
             i = j
         return Bucket(device, dtype, rows, params, views, groups)
 

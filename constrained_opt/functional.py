@@ -134,7 +134,7 @@ def direction_products(g: Gram, retain_coef: Tensor, constraint_coef: Tensor) ->
 
 def safe_cosine(dot: Tensor, sq_norm_a: Tensor, sq_norm_b: Tensor) -> Tensor:
     """dot / (‖a‖‖b‖), and 0 when either vector is zero."""
-    denom = torch.sqrt(sq_norm_a * sq_norm_b)
+    denom = torch.sqrt(sq_norm_a) * torch.sqrt(sq_norm_b)
     positive = denom > 0
     return torch.where(positive, dot / torch.where(positive, denom, torch.ones_like(denom)), 0.0)
 

@@ -140,11 +140,8 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
                     f"{sorted(base_kwargs)} cannot be applied to an existing optimizer instance; "
                     "set them when building it"
                 )
+            super().__init__(base_optimizer.param_groups, own_defaults)  # fills our keys in place
             self.base_optimizer = base_optimizer
-            for group in base_optimizer.param_groups:
-                for k, v in own_defaults.items():
-                    group.setdefault(k, v)
-            super().__init__(base_optimizer.param_groups, own_defaults)
         else:
             if params is None:
                 raise ValueError("params is required when base_optimizer is a class or factory")
@@ -194,7 +191,9 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
         """One step of Algorithm 1; see the class docstring for the cost and the guarantees."""
         for name, fn in (("retain_closure", retain_closure), ("forget_closure", forget_closure)):
             if not callable(fn):
-                raise TypeError(f"{name} must be a callable returning the scalar loss, got {type(fn).__name__}")
+                raise TypeError(
+                    f"{name} must be a callable returning the scalar loss, got {type(fn).__name__}"
+                )
         self._check_groups()
         layout = self._current_layout()
         saved_grads = [p.grad for p in layout.params]
@@ -275,7 +274,9 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
                 "loss (reduce it, e.g. with .mean())"
             )
         if not out.is_floating_point():
-            raise ClosureError(f"{name} returned a {out.dtype} tensor {where}; the loss must be floating point")
+            raise ClosureError(
+                f"{name} returned a {out.dtype} tensor {where}; the loss must be floating point"
+            )
         return out.reshape(())
 
     def _backward(self, layout: FlatLayout, row: int, closure: Closure, name: str, k: int | None) -> Tensor:
@@ -308,7 +309,9 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
         device = blocks[0][1].device
         acc = blocks[0][1].dtype
         losses = [loss.to(device=device, dtype=acc) for loss in losses]
-        g_value = losses[0] - losses[-1] if self.inner_steps > 0 else torch.zeros((), dtype=acc, device=device)
+        g_value = (
+            losses[0] - losses[-1] if self.inner_steps > 0 else torch.zeros((), dtype=acc, device=device)
+        )
         combos, products, total = [], None, None
         for group_index, gram_matrix, _ in blocks:
             gram = F.gram_from_matrix(gram_matrix.to(device=device, dtype=acc))
@@ -410,20 +413,23 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
 
 
 def _validate(forget_losses: list[float], retain_loss: float, gg: float, rr: float) -> None:
-    for k, v in enumerate(forget_losses):
-        if not math.isfinite(v):
-            where = "at θ" if k == 0 else f"at inner step φ^{k}"
-            raise ClosureError(
-                f"forget_closure returned a non-finite loss ({v}) {where}; the step was not taken and "
-                "θ is unchanged (lower inner_lr if the inner steps diverge)"
-            )
-    if not math.isfinite(retain_loss):
-        raise ClosureError(f"retain_closure returned a non-finite loss ({retain_loss}); the step was not taken")
-    for name, sq in (("forget_closure", gg), ("retain_closure", rr)):
-        if not math.isfinite(sq):
-            raise ClosureError(
-                f"the gradient of {name} contains NaN or inf (squared norm {sq}); the step was not taken"
-            )
+    """Name the first non-finite quantity in the order it was computed, so the root cause is reported
+    (a NaN gradient at θ would otherwise surface as a NaN loss at φ^1)."""
+    checks = [(forget_losses[0], "forget_closure returned a non-finite loss ({}) at θ")]
+    checks.append((gg, "the gradient of forget_closure at θ contains NaN or inf (squared norm {})"))
+    checks += [
+        (
+            v,
+            f"forget_closure returned a non-finite loss ({{}}) at inner step φ^{k}; lower inner_lr if "
+            "the inner steps diverge",
+        )
+        for k, v in enumerate(forget_losses[1:], start=1)
+    ]
+    checks.append((retain_loss, "retain_closure returned a non-finite loss ({})"))
+    checks.append((rr, "the gradient of retain_closure contains NaN or inf (squared norm {})"))
+    for value, message in checks:
+        if not math.isfinite(value):
+            raise ClosureError(message.format(value) + "; the step was not taken and θ is unchanged")
 
 
 def _reaches(root: Any, param_ids: frozenset[int]) -> bool:
@@ -445,5 +451,9 @@ def _reaches(root: Any, param_ids: frozenset[int]) -> bool:
 
 
 def _check_nonneg(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (value >= 0 and math.isfinite(value)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (value >= 0 and math.isfinite(value))
+    ):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
