@@ -55,7 +55,8 @@ def main() -> None:
 
     def report(tag: str) -> None:
         print(
-            f"{tag:>7}: accuracy on digit {c} = {accuracy(model, x_test[test_forget], y_test[test_forget]):.3f}, "
+            f"{tag:>7}: accuracy on digit {c} = "
+            f"{accuracy(model, x_test[test_forget], y_test[test_forget]):.3f}, "
             f"on the other digits = {accuracy(model, x_test[test_keep], y_test[test_keep]):.3f}"
         )
 
@@ -79,8 +80,8 @@ def main() -> None:
         conflicts += stats.cos_update_retain < 0
         if step % 50 == 0 or step == args.steps - 1:
             print(
-                f"step {step:4d}  L_r={stats.retain_loss:.3f}  L_f={stats.forget_loss:.3f}  g={stats.g_value:+.3f}  "
-                f"λ={stats.lam:.3f}  cos(δ,∇L_r)={stats.cos_update_retain:+.2f}  "
+                f"step {step:4d}  L_r={stats.retain_loss:.3f}  L_f={stats.forget_loss:.3f}  "
+                f"g={stats.g_value:+.3f}  λ={stats.lam:.3f}  cos(δ,∇L_r)={stats.cos_update_retain:+.2f}  "
                 f"cos(δ,∇g)={stats.cos_update_forget:+.2f}"
             )
     report("after")
