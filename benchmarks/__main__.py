@@ -1,0 +1,42 @@
+"""``python -m benchmarks [--only ITEM ...] [--smoke] [--device DEV]``.
+
+Writes ``benchmarks/results/<item>.json`` and regenerates ``docs/benchmarks.md`` with PNG plots in
+``docs/img/`` from every result file present. ``--smoke`` runs tiny sizes (what CI runs) and writes
+under ``--out`` only, leaving the committed results and docs alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+import torch
+
+from .common import RESULTS, write_result
+
+ITEMS = ("step_overhead", "projection", "memory", "unlearning")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=ITEMS, default=list(ITEMS))
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; no docs update")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=RESULTS, help="folder for the JSON results")
+    parser.add_argument("--no-docs", action="store_true", help="do not regenerate docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    suffix = f"_{device.type}" if device.type != "cpu" else ""
+    for item in args.only:
+        module = importlib.import_module(f".{item}", __package__)
+        payload = module.run(device, args.smoke)
+        path = write_result(item + suffix, {"device": str(device), "smoke": args.smoke, **payload}, args.out)
+        print(f"wrote {path}")
+    if not (args.smoke or args.no_docs):
+        from .report import write_docs
+
+        print(f"wrote {write_docs(args.out)}")
+
+
+if __name__ == "__main__":
+    main()

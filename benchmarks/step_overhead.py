@@ -1,0 +1,76 @@
+"""Item 1: the time of ``opt.step`` over the time of its closures' own forward and backward work.
+
+Both sides run the same passes on the same batches: K forward+backward passes of the forget closure
+(at least one), one forward of it at φ^K when K ≥ 1, one forward+backward of the retain closure.
+The denominator adds one plain base-optimizer step (the numerator contains one), so the ratio is
+what EraseDiff's orchestration and projection cost on top of work any training loop would do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from constrained_opt import ValueFunctionBilevelOptimizer
+
+from .common import denoiser_problem, interleaved_medians
+
+BATCH = {"tiny": 4, "digits": 64, "cifar10": 4}
+
+
+def measure(preset: str, inner_steps: int, device: torch.device, rounds: int) -> dict:
+    unet, retain, forget = denoiser_problem(preset, BATCH[preset], device)
+    opt = ValueFunctionBilevelOptimizer(
+        unet.parameters(), torch.optim.Adam, lr=1e-4, inner_steps=inner_steps, inner_lr=1e-4
+    )
+
+    def closures():
+        for _ in range(max(inner_steps, 1)):
+            forget().backward()
+        if inner_steps > 0:
+            with torch.no_grad():
+                forget()
+        retain().backward()
+
+    def closures_only():
+        closures()
+        unet.zero_grad(set_to_none=True)
+
+    def closures_and_base_step():
+        closures()
+        opt.base_optimizer.step()
+        unet.zero_grad(set_to_none=True)
+
+    medians = interleaved_medians(
+        {
+            "opt_step": lambda: opt.step(retain, forget),
+            "closures": closures_only,
+            "closures_plus_base_step": closures_and_base_step,
+        },
+        rounds,
+        device,
+    )
+    return {
+        "model": preset,
+        "params": sum(p.numel() for p in unet.parameters()),
+        "batch": BATCH[preset],
+        "K": inner_steps,
+        "seconds": medians,
+        "ratio": medians["opt_step"] / medians["closures_plus_base_step"],
+        "ratio_vs_closures_only": medians["opt_step"] / medians["closures"],
+    }
+
+
+def run(device: torch.device, smoke: bool) -> dict:
+    presets = ["tiny"] if smoke else ["digits", "cifar10"]
+    ks = [0, 1] if smoke else [0, 1, 2, 5]
+    rows = []
+    for preset in presets:
+        rounds = 3 if smoke else (15 if preset == "digits" else 5)
+        for k in ks:
+            row = measure(preset, k, device, rounds)
+            print(
+                f"step_overhead  {preset:8s} K={k}  step/(closures+base) = {row['ratio']:.3f}  "
+                f"step/closures = {row['ratio_vs_closures_only']:.3f}"
+            )
+            rows.append(row)
+    return {"target": "ratio <= 1.05", "rows": rows}

@@ -1,0 +1,41 @@
+"""The benchmark scripts keep working: tiny sizes, checked for complete and finite figures."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_parameter_sizes_sum_to_n():
+    from benchmarks.projection import parameter_sizes
+
+    for n in (1000, 123_457, 35_700_000):
+        sizes = parameter_sizes(n)
+        assert sum(sizes) == n and min(sizes) >= 1 and len(sizes) == 300
+
+
+def test_smoke_run_writes_results_and_docs(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks", "--only", "step_overhead", "projection", "memory", "--smoke"]
+    subprocess.run([*cmd, "--out", str(tmp_path)], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    step = json.loads((tmp_path / "step_overhead.json").read_text())
+    assert {r["K"] for r in step["rows"]} == {0, 1}
+    for r in step["rows"]:
+        assert math.isfinite(r["ratio"]) and r["ratio"] > 0
+        assert set(r["seconds"]) == {"opt_step", "closures", "closures_plus_base_step"}
+    proj = json.loads((tmp_path / "projection.json").read_text())
+    assert all(r["seconds"]["flat"] > 0 and math.isfinite(r["flat_over_memcpy"]) for r in proj["rows"])
+    mem = json.loads((tmp_path / "memory.json").read_text())
+    assert all(r["param_bytes"] > 0 and r["peak_bytes"]["erasediff"] > 0 for r in mem["rows"])
+
+    from benchmarks.report import write_docs
+
+    docs = Path(write_docs(str(tmp_path), docs_dir=str(tmp_path / "docs"), include_smoke=True))
+    text = docs.read_text()
+    assert "## 1. step_overhead" in text and "## 2. projection" in text and "## 3. memory" in text
+    assert (tmp_path / "docs" / "img" / "projection.png").stat().st_size > 0
