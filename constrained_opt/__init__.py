@@ -5,6 +5,7 @@ The core needs only torch and numpy; the diffusion applications live in
 """
 
 from . import rules
+from .checkpoint import load_checkpoint, save_checkpoint
 from .functional import Gram, gram, kkt_direction, kkt_multiplier
 from .optimizer import ClosureError, StepStats, ValueFunctionBilevelOptimizer
 from .rules import Combination, Geometry, Rule
@@ -20,6 +21,8 @@ __all__ = [
     "gram",
     "kkt_direction",
     "kkt_multiplier",
+    "load_checkpoint",
     "rules",
+    "save_checkpoint",
 ]
 __version__ = "0.1.0"

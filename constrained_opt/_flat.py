@@ -1,10 +1,15 @@
 """Flat, fused gradient storage for the bilevel optimizer.
 
-For each (device, dtype) the optimizer owns one contiguous ``(2, n)`` tensor: row 0 holds ∇g = ∇L_f(θ),
-row 1 holds ∇L_r (and, before that, serves as scratch for the inner steps k ≥ 1). Each parameter's
-``.grad`` is set to a view into a row, so autograd accumulates straight into the buffer: there is no
-gather copy, the Gram matrix is one GEMM per buffer, and δ is one in-place axpy. The θ snapshot for
-the inner loop is one more flat tensor of n elements.
+For each (device, dtype, sharding) the optimizer owns one contiguous ``(2, n)`` tensor: row 0 holds
+∇g = ∇L_f(θ), row 1 holds ∇L_r (and, before that, serves as scratch for the inner steps k ≥ 1). Each
+parameter's ``.grad`` is set to a view into a row, so autograd accumulates straight into the buffer:
+there is no gather copy, the Gram matrix is one GEMM per buffer, and δ is one in-place axpy. The θ
+snapshot for the inner loop is one more flat tensor of n elements.
+
+Sharded parameters (``DTensor``, e.g. from FSDP2's ``fully_shard``) are stored by their local shard:
+the buffer holds this rank's n elements, ``.grad`` is a ``DTensor`` wrapping the view, and the Gram of
+the bucket is a partial sum that the optimizer all-reduces over the mesh dimensions the parameter is
+sharded on.
 
 torch.optim has no such layout (its foreach paths take lists of separate tensors), and
 torch.nn.utils.parameters_to_vector copies, so the layout is written here.
@@ -12,13 +17,44 @@ torch.nn.utils.parameters_to_vector copies, so the layout is written here.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 CONSTRAINT_ROW = 0
 RETAIN_ROW = 1
+
+
+def _dtensor_type() -> type | None:
+    """``DTensor`` if torch.distributed.tensor has been imported (no DTensor can exist otherwise)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's data of ``t``: the local shard of a ``DTensor``, ``t`` itself otherwise."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(t, dtensor):
+        return t
+    with torch.no_grad():
+        return t.to_local()
+
+
+def _sharding(p: Tensor) -> tuple[Any, tuple] | None:
+    """``(device_mesh, placements)`` of a ``DTensor`` parameter, None for a plain tensor."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(p, dtensor):
+        return None
+    placements = tuple(p.placements)
+    if any(pl.is_partial() for pl in placements):
+        raise TypeError(
+            f"parameter with placements {placements} holds a partial sum; the flat gradient buffers "
+            "need Shard or Replicate placements (redistribute the parameter first)"
+        )
+    return p.device_mesh, placements
 
 
 def _dense_strides(t: Tensor) -> bool:
@@ -42,42 +78,52 @@ def _view(storage: Tensor, like: Tensor, offset: int) -> Tensor:
 
 @dataclass
 class GroupSlice:
-    """The parameters of one param group inside one bucket, with their index range [start, end)."""
+    """The parameters of one param group inside one bucket, with their index range [start, end).
+
+    ``tensors`` are the parameters' local data (the parameters themselves unless sharded)."""
 
     group: int
     start: int
     end: int
-    params: list[Tensor]
+    tensors: list[Tensor]
     views: tuple[list[Tensor], list[Tensor]]
     snapshot_views: list[Tensor] = field(default_factory=list)
 
 
 @dataclass
 class Bucket:
-    """All trainable parameters of one (device, dtype), ordered by param group."""
+    """All trainable parameters of one (device, dtype, sharding), ordered by param group.
+
+    ``views[row]`` are plain views into ``rows``; ``grads[row]`` are what ``p.grad`` is set to (the
+    views themselves, or ``DTensor`` wrappers of them for sharded parameters). ``shard_groups`` are
+    the process groups over which this bucket's partial Gram must be summed (empty unless sharded).
+    """
 
     device: torch.device
     dtype: torch.dtype
     rows: Tensor
     params: list[Tensor]
     views: tuple[list[Tensor], list[Tensor]]
+    grads: tuple[list[Tensor], list[Tensor]]
     groups: list[GroupSlice]
+    shard_groups: list[Any]
     snapshot: Tensor | None = None
 
     def attach(self, row: int) -> None:
         """Zero ``row`` and make every ``p.grad`` a view into it."""
         self.rows[row].zero_()
-        for p, v in zip(self.params, self.views[row], strict=True):
-            p.grad = v
+        for p, g in zip(self.params, self.grads[row], strict=True):
+            p.grad = g
 
     def adopt(self, row: int) -> None:
-        """After backward: if a closure replaced ``p.grad`` (e.g. with zero_grad), fold it back in."""
-        for p, v in zip(self.params, self.views[row], strict=True):
-            g = p.grad
-            if g is not v:
-                if g is not None:
-                    v.copy_(g)
-                p.grad = v
+        """After backward: if ``p.grad`` was replaced (a closure's zero_grad, or DDP's
+        ``gradient_as_bucket_view``), copy it into the buffer and point ``p.grad`` back."""
+        for p, g, v in zip(self.params, self.grads[row], self.views[row], strict=True):
+            current = p.grad
+            if current is not g:
+                if current is not None:
+                    v.copy_(local_tensor(current))
+                p.grad = g
 
     def detach_grads(self) -> None:
         for p in self.params:
@@ -88,29 +134,29 @@ class Bucket:
             self.snapshot = torch.empty(self.rows.shape[1], dtype=self.dtype, device=self.device)
             for gs in self.groups:
                 gs.snapshot_views = [
-                    _view(self.snapshot, p, off)
-                    for p, off in zip(gs.params, _offsets(gs.params, gs.start), strict=True)
+                    _view(self.snapshot, t, off)
+                    for t, off in zip(gs.tensors, _offsets(gs.tensors, gs.start), strict=True)
                 ]
         for gs in self.groups:
-            torch._foreach_copy_(gs.snapshot_views, gs.params)
+            torch._foreach_copy_(gs.snapshot_views, gs.tensors)
 
     def restore_theta(self) -> None:
         for gs in self.groups:
-            torch._foreach_copy_(gs.params, gs.snapshot_views)
+            torch._foreach_copy_(gs.tensors, gs.snapshot_views)
 
     def descend(self, row: int, inner_lrs: list[float]) -> None:
         """φ ← φ − ξ_group · grad for each param group (plain gradient descent, no optimizer state)."""
         for gs in self.groups:
             lr = inner_lrs[gs.group]
             if lr != 0.0:
-                torch._foreach_add_(gs.params, gs.views[row], alpha=-lr)
+                torch._foreach_add_(gs.tensors, gs.views[row], alpha=-lr)
 
 
-def _offsets(params: list[Tensor], start: int) -> list[int]:
+def _offsets(tensors: list[Tensor], start: int) -> list[int]:
     out, off = [], start
-    for p in params:
+    for t in tensors:
         out.append(off)
-        off += p.numel()
+        off += t.numel()
     return out
 
 
@@ -118,7 +164,7 @@ class FlatLayout:
     """Buckets for the trainable parameters of a list of param groups."""
 
     def __init__(self, param_groups: list[dict]) -> None:
-        by_key: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor]]] = {}
+        by_key: dict[tuple, list[tuple[int, Tensor]]] = {}
         for gi, group in enumerate(param_groups):
             for p in group["params"]:
                 if p.requires_grad:
@@ -126,23 +172,39 @@ class FlatLayout:
                         raise TypeError(f"parameter of dtype {p.dtype} cannot be optimized; freeze it")
                     if p.is_sparse:
                         raise TypeError("sparse parameters are not supported by the flat gradient buffers")
-                    by_key.setdefault((p.device, p.dtype), []).append((gi, p))
+                    by_key.setdefault((p.device, p.dtype, _sharding(p)), []).append((gi, p))
         if not by_key:
             raise ValueError("no trainable parameters: every parameter has requires_grad=False")
-        self.buckets = [self._bucket(dev, dt, entries) for (dev, dt), entries in by_key.items()]
+        self.buckets = [self._bucket(*key, entries) for key, entries in by_key.items()]
         self.params = [p for b in self.buckets for p in b.params]
         self.param_ids = frozenset(id(p) for p in self.params)
+        self.sharded = any(key[2] is not None for key in by_key)
         self.numel = sum(b.rows.shape[1] for b in self.buckets)
 
     @staticmethod
-    def _bucket(device: torch.device, dtype: torch.dtype, entries: list[tuple[int, Tensor]]) -> Bucket:
-        n = sum(p.numel() for _, p in entries)
-        rows = torch.zeros(2, n, dtype=dtype, device=device)
+    def _bucket(
+        device: torch.device, dtype: torch.dtype, sharding: tuple | None, entries: list[tuple[int, Tensor]]
+    ) -> Bucket:
         params = [p for _, p in entries]
-        offsets = _offsets(params, 0)
+        tensors = [local_tensor(p) for p in params]
+        n = sum(t.numel() for t in tensors)
+        rows = torch.zeros(2, n, dtype=dtype, device=tensors[0].device)
+        offsets = _offsets(tensors, 0)
         views = tuple(
-            [_view(rows[r], p, off) for p, off in zip(params, offsets, strict=True)] for r in (0, 1)
+            [_view(rows[r], t, off) for t, off in zip(tensors, offsets, strict=True)] for r in (0, 1)
         )
+        grads, shard_groups = views, []
+        if sharding is not None:
+            mesh, placements = sharding
+            dtensor = _dtensor_type()
+            grads = tuple(
+                [
+                    dtensor.from_local(v, mesh, placements, shape=p.shape, stride=p.stride())
+                    for p, v in zip(params, views[r], strict=True)
+                ]
+                for r in (0, 1)
+            )
+            shard_groups = [mesh.get_group(d) for d, pl in enumerate(placements) if pl.is_shard()]
         groups: list[GroupSlice] = []
         i = 0
         while i < len(entries):
@@ -150,14 +212,16 @@ class FlatLayout:
             while j < len(entries) and entries[j][0] == gi:
                 j += 1
             end = offsets[j] if j < len(entries) else n
-            groups.append(GroupSlice(gi, offsets[i], end, params[i:j], (views[0][i:j], views[1][i:j])))
+            groups.append(GroupSlice(gi, offsets[i], end, tensors[i:j], (views[0][i:j], views[1][i:j])))
             i = j
-        return Bucket(device, dtype, rows, params, views, groups)
+        return Bucket(device, dtype, rows, params, views, grads, groups, shard_groups)
 
     @staticmethod
     def key(param_groups: list[dict]) -> tuple:
         """Identity of the trainable set: rebuild the layout when a parameter is added, frozen,
         unfrozen, or moved to another device or dtype (new storage)."""
         return tuple(
-            (id(p), p.requires_grad, p.data_ptr()) for group in param_groups for p in group["params"]
+            (id(p), p.requires_grad, local_tensor(p).data_ptr())
+            for group in param_groups
+            for p in group["params"]
         )

@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.amp.grad_scaler import OptState
 
 from . import functional as F
 from . import rules as R
-from ._flat import CONSTRAINT_ROW, RETAIN_ROW, FlatLayout
+from ._flat import CONSTRAINT_ROW, RETAIN_ROW, Bucket, FlatLayout
 
 Closure = Callable[[], Tensor]
 
@@ -37,7 +39,11 @@ class StepStats:
 
     ``a_t`` is NaN for rules that set λ directly (cosine, scalarized, pcgrad, mgda). ``lam`` is the
     coefficient of ∇g in δ before clipping (for ``projection="per_group"``, the ‖∇g_G‖²-weighted
-    mean of ``group_lams``).
+    mean of ``group_lams``). Losses are averages over the data-parallel ranks when distributed.
+
+    ``skipped`` is True when a GradScaler found an inf/NaN in a scaled gradient: θ and the base
+    optimizer were left untouched and the scale was backed off. ``grad_scale`` is the loss scale the
+    step used (1.0 without a scaler).
     """
 
     retain_loss: float
@@ -55,6 +61,8 @@ class StepStats:
     clip_scale: float
     inner_losses: tuple[float, ...]
     group_lams: tuple[float, ...]
+    skipped: bool = False
+    grad_scale: float = 1.0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -79,15 +87,25 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
         projection: ``"global"`` (one λ over all parameters, as in the paper) or ``"per_group"``
             (each param group solves its own KKT problem with its own hyperparameters).
         max_grad_norm: clip ‖δ‖ to this value (computed from the Gram: free).
+        grad_scaler: a ``torch.amp.GradScaler`` for fp16 training. Each loss is multiplied by the
+            scale before backward and 1/scale is folded into the projection; a step whose scaled
+            gradients overflow is skipped (``StepStats.skipped``) and the scaler is updated. The
+            optimizer calls ``grad_scaler.update()`` itself, once per step: do not call it.
+        process_group: where loss values are averaged under data parallelism (DDP gradients are
+            averaged already, but each rank measures its own losses, hence its own g and a_t).
+            ``"auto"``: the default group when torch.distributed is initialized, else nothing;
+            ``None``: never (e.g. independent models per rank); or a ``ProcessGroup``.
         eta, alpha, beta, forget_weight: the rule's hyperparameters (per group); only those the rule
             uses may be given.
         **base_kwargs: forwarded to ``base_optimizer`` (``lr``, ``betas``, ``weight_decay``, ...).
 
     ``step(retain_closure, forget_closure)`` performs one device→host sync, after all the math and
     before the base step: it validates the losses and gradients and returns :class:`StepStats` as
-    floats. The projection itself is sync-free. After a successful step ``p.grad`` is ``None``; on
-    any failure (bad closure, non-finite value, exception, KeyboardInterrupt) θ, the base optimizer's
-    state and every ``p.grad`` are left exactly as they were.
+    floats. The projection itself is sync-free, and so are the collectives (one all-reduce of the
+    loss values per step when distributed, plus one of the Gram for sharded parameters). After a
+    successful or skipped step ``p.grad`` is ``None``; on any failure (bad closure, non-finite value
+    without a scaler, exception, KeyboardInterrupt) θ, the base optimizer's state and every ``p.grad``
+    are left exactly as they were.
     """
 
     def __init__(
@@ -100,6 +118,8 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
         rule: str | R.Rule | Callable[[R.Geometry], Tensor | float] = "grad_norm",
         projection: Literal["global", "per_group"] = "global",
         max_grad_norm: float | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        process_group: Any = "auto",
         eta: float | None = None,
         alpha: float | None = None,
         beta: float | None = None,
@@ -113,6 +133,19 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
             raise ValueError(f"projection must be 'global' or 'per_group', got {projection!r}")
         if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ValueError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(
+                f"grad_scaler must be a torch.amp.GradScaler or None, got {type(grad_scaler).__name__}"
+            )
+        if not (
+            process_group is None
+            or process_group == "auto"
+            or (dist.is_available() and isinstance(process_group, dist.ProcessGroup))
+        ):
+            raise TypeError(
+                "process_group must be 'auto', None or a torch.distributed.ProcessGroup, "
+                f"got {process_group!r}"
+            )
         self.rule = R.resolve(rule)
         given = {"eta": eta, "alpha": alpha, "beta": beta, "forget_weight": forget_weight}
         unused = [k for k, v in given.items() if v is not None and k not in self.rule.hyperparameters]
@@ -127,6 +160,8 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
         self.inner_steps = inner_steps
         self.projection = projection
         self.max_grad_norm = max_grad_norm
+        self.grad_scaler = grad_scaler
+        self.process_group = process_group
         self._steps = 0
         self._layout: FlatLayout | None = None
         self._layout_key: tuple | None = None
@@ -163,9 +198,11 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict (its param_groups carry our per-group hyperparameters)
-        plus this optimizer's own counters under ``"bilevel"``."""
+        plus this optimizer's own counters, and the GradScaler's state if any, under ``"bilevel"``."""
         sd = self.base_optimizer.state_dict()
         sd["bilevel"] = {"steps": self._steps}
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            sd["bilevel"]["grad_scaler"] = self.grad_scaler.state_dict()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -180,6 +217,8 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
             for k, v in keep.items():
                 group.setdefault(k, v)
         self._steps = int(own["steps"])
+        if "grad_scaler" in own and self.grad_scaler is not None:
+            self.grad_scaler.load_state_dict(own["grad_scaler"])
         self._layout = None
 
     @property
@@ -196,10 +235,16 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
                 )
         self._check_groups()
         layout = self._current_layout()
+        group = self._reduction_group(layout)
         saved_grads = [p.grad for p in layout.params]
         theta_moved = False
         try:
-            losses = [self._backward(layout, CONSTRAINT_ROW, forget_closure, "forget_closure", 0)]
+            amp = self._loss_scaling(layout)
+            losses = [
+                self._backward(
+                    layout, CONSTRAINT_ROW, forget_closure, "forget_closure", 0, amp, self.inner_steps > 0
+                )
+            ]
             if self.inner_steps > 0:
                 inner_lrs = [float(g["inner_lr"]) for g in self.param_groups]
                 with torch.no_grad():
@@ -212,19 +257,24 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
                         for b in layout.buckets:
                             b.descend(row, inner_lrs)
                     if k < self.inner_steps:
-                        losses.append(self._backward(layout, RETAIN_ROW, forget_closure, "forget_closure", k))
+                        losses.append(
+                            self._backward(layout, RETAIN_ROW, forget_closure, "forget_closure", k, amp, True)
+                        )
                 with torch.no_grad():
                     losses.append(self._evaluate(forget_closure, self.inner_steps))
                     for b in layout.buckets:
                         b.restore_theta()
                 theta_moved = False
-            retain_loss = self._backward(layout, RETAIN_ROW, retain_closure, "retain_closure", None)
+            retain_loss = self._backward(
+                layout, RETAIN_ROW, retain_closure, "retain_closure", None, amp, False
+            )
             with torch.no_grad():
-                stats = self._project(layout, losses, retain_loss)
+                stats = self._project(layout, losses, retain_loss, amp, group)
+            if not stats.skipped:
                 for b in layout.buckets:
-                    for p, v in zip(b.params, b.views[RETAIN_ROW], strict=True):
-                        p.grad = v
-            self.base_optimizer.step()
+                    for p, g in zip(b.params, b.grads[RETAIN_ROW], strict=True):
+                        p.grad = g
+                self.base_optimizer.step()
         except BaseException:
             if theta_moved:
                 with torch.no_grad():
@@ -235,7 +285,10 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
             raise
         for b in layout.buckets:
             b.detach_grads()
-        self._steps += 1
+        if amp is not None:
+            amp.update(self, stats.skipped)
+        if not stats.skipped:
+            self._steps += 1
         return stats
 
     # ------------------------------------------------------------------ internals
@@ -261,6 +314,32 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
             self._layout_key = key
         return self._layout
 
+    def _reduction_group(self, layout: FlatLayout) -> Any:
+        """The process group over which loss values are averaged (None: no reduction)."""
+        if self.process_group is None:
+            if layout.sharded:
+                raise ValueError(
+                    "the parameters are sharded DTensors (FSDP2 / tensor parallel), so loss values and "
+                    "overflow checks must be reduced across ranks; leave process_group='auto' or pass "
+                    "the data-parallel process group"
+                )
+            return None
+        if not (dist.is_available() and dist.is_initialized()):
+            if isinstance(self.process_group, str):
+                return None
+            raise RuntimeError(
+                "a process_group was given but torch.distributed is not initialized; call "
+                "torch.distributed.init_process_group first, or pass process_group=None"
+            )
+        group = dist.group.WORLD if isinstance(self.process_group, str) else self.process_group
+        return group if dist.get_world_size(group) > 1 else None
+
+    def _loss_scaling(self, layout: FlatLayout) -> _LossScaling | None:
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return _LossScaling(scaler, layout.buckets[0].rows.device)
+
     @staticmethod
     def _checked(out: object, name: str, where: str) -> Tensor:
         if not isinstance(out, Tensor):
@@ -279,8 +358,19 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
             )
         return out.reshape(())
 
-    def _backward(self, layout: FlatLayout, row: int, closure: Closure, name: str, k: int | None) -> Tensor:
-        """Zero ``row``, run the closure, differentiate it into ``row``; returns the detached loss."""
+    def _backward(
+        self,
+        layout: FlatLayout,
+        row: int,
+        closure: Closure,
+        name: str,
+        k: int | None,
+        amp: _LossScaling | None,
+        unscale: bool,
+    ) -> Tensor:
+        """Zero ``row``, run the closure, differentiate it (times the loss scale) into ``row``;
+        returns the detached loss. ``unscale``: divide the row by the scale now (the inner descent
+        reads it) and record whether it overflowed."""
         where = "at θ" if not k else f"at inner step φ^{k}"
         for b in layout.buckets:
             b.attach(row)
@@ -290,31 +380,72 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
                 f"{name} returned a tensor with no autograd graph {where} (requires_grad=False); compute "
                 "the loss with gradients enabled and do not detach it or call .backward() in the closure"
             )
-        if not _reaches(loss.grad_fn, layout.param_ids):
+        # FSDP2 differentiates into its unsharded copies and reduce-scatters them from hooks, so the
+        # sharded parameters are neither reachable in the graph nor usable as backward inputs.
+        if not layout.sharded and not _reaches(loss.grad_fn, layout.param_ids):
             raise ClosureError(
                 f"{name}'s loss {where} does not depend on any parameter this optimizer trains; check that "
                 "the closure uses the model whose parameters were passed to the optimizer"
             )
-        torch.autograd.backward(loss, inputs=layout.params)
+        target = loss if amp is None else amp.scaled(loss)
+        torch.autograd.backward(target, inputs=None if layout.sharded else layout.params)
         for b in layout.buckets:
             b.adopt(row)
+        if amp is not None and unscale:
+            overflow = amp.unscale(layout, row)
+            if k:
+                amp.inner_overflow.append(overflow)
         return loss.detach()
 
     def _evaluate(self, closure: Closure, k: int) -> Tensor:
         return self._checked(closure(), "forget_closure", f"at inner step φ^{k}").detach()
 
-    def _project(self, layout: FlatLayout, losses: list[Tensor], retain_loss: Tensor) -> StepStats:
-        """Gram → rule → (clip) → δ into the retain row; one host sync for validation and stats."""
+    def _project(
+        self,
+        layout: FlatLayout,
+        losses: list[Tensor],
+        retain_loss: Tensor,
+        amp: _LossScaling | None,
+        group: Any,
+    ) -> StepStats:
+        """Gram → rule → (clip) → δ into the retain row; one host sync for validation and stats.
+
+        Under data parallelism the loss values (and overflow flags) are averaged over ``group`` with
+        one all-reduce; the gradients already are (DDP/FSDP average them during backward).
+        """
         blocks = self._blocks(layout)
         device = blocks[0][1].device
         acc = blocks[0][1].dtype
-        losses = [loss.to(device=device, dtype=acc) for loss in losses]
-        g_value = (
-            losses[0] - losses[-1] if self.inner_steps > 0 else torch.zeros((), dtype=acc, device=device)
+        measured = torch.stack([*losses, retain_loss]).to(device=device, dtype=acc)
+        overflow = (
+            torch.stack(amp.inner_overflow).to(device=device, dtype=acc)
+            if amp is not None and amp.inner_overflow
+            else measured.new_zeros(0)
         )
+        if group is not None:
+            n = measured.numel()
+            packed = torch.cat([measured, overflow])
+            dist.all_reduce(packed, group=group)
+            measured, overflow = packed[:n] / dist.get_world_size(group), packed[n:]
+        forget_losses, retain_loss = measured[:-1], measured[-1]
+        g_value = (
+            forget_losses[0] - forget_losses[-1]
+            if self.inner_steps > 0
+            else torch.zeros((), dtype=acc, device=device)
+        )
+        # Rows still multiplied by the loss scale s: fold 1/s into the Gram (1/s² per product) and
+        # into δ's coefficients instead of unscaling the vectors.
+        unscale = (
+            torch.ones(2, dtype=acc, device=device)
+            if amp is None
+            else amp.row_factors(self.inner_steps > 0).to(device=device, dtype=acc)
+        )
+        grams = [
+            F.gram_from_matrix(m.to(device=device, dtype=acc) * torch.outer(unscale, unscale))
+            for _, m, _ in blocks
+        ]
         combos, products, total = [], None, None
-        for group_index, gram_matrix, _ in blocks:
-            gram = F.gram_from_matrix(gram_matrix.to(device=device, dtype=acc))
+        for (group_index, _, _), gram in zip(blocks, grams, strict=True):
             hyper = {k: float(self.param_groups[group_index][k]) for k in self.rule.hyperparameters}
             combo = self.rule(R.Geometry(gram.gg, gram.rr, gram.gr, g_value), **hyper)
             combo = R.Combination(*(torch.as_tensor(c, dtype=acc, device=device) for c in combo))
@@ -324,29 +455,36 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
             total = gram if total is None else total + gram
         assert products is not None and total is not None
         scale = F.clip_scale(products, self.max_grad_norm)
+        single_axpy = self.rule.unit_retain and self.max_grad_norm is None and amp is None
         for (_, _, slices), combo in zip(blocks, combos, strict=True):
-            c_r, c_f = combo.retain_coef * scale, combo.constraint_coef * scale
+            c_r = combo.retain_coef * scale * unscale[RETAIN_ROW]
+            c_f = combo.constraint_coef * scale * unscale[CONSTRAINT_ROW]
             for rows in slices:
                 c_f_local = c_f.to(rows.device)
-                if self.rule.unit_retain and self.max_grad_norm is None:
+                if single_axpy:
                     rows[RETAIN_ROW].addcmul_(rows[CONSTRAINT_ROW], c_f_local)
                 else:
                     rows[RETAIN_ROW].mul_(c_r.to(rows.device)).addcmul_(rows[CONSTRAINT_ROW], c_f_local)
         lams = torch.stack([c.constraint_coef for c in combos])
-        grams_gg = torch.stack([F.gram_from_matrix(m.to(device=device, dtype=acc)).gg for _, m, _ in blocks])
         if len(combos) == 1:
             lam = lams[0]
         else:
+            grams_gg = torch.stack([g.gg for g in grams])
             positive = total.gg > 0
             weighted = (lams * grams_gg).sum() / torch.where(positive, total.gg, 1.0)
             lam = torch.where(positive, weighted, lams.mean())
         a_t = torch.stack([c.a_t for c in combos]).sum()
         update_sq = products.sq_norm * scale**2
+        grad_scale = (
+            torch.ones((), dtype=acc, device=device)
+            if amp is None
+            else amp.scale.to(device=device, dtype=acc)
+        )
         values = torch.cat(
             [
                 torch.stack(
                     [
-                        retain_loss.to(device=device, dtype=acc),
+                        retain_loss,
                         g_value,
                         lam,
                         a_t,
@@ -357,15 +495,21 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
                         F.safe_cosine(products.dot_retain, products.sq_norm, total.rr),
                         F.safe_cosine(products.dot_constraint, products.sq_norm, total.gg),
                         scale,
+                        grad_scale,
                     ]
                 ),
-                torch.stack(losses),
+                forget_losses,
                 lams,
+                overflow,
             ]
         ).tolist()
-        (r_loss, g_val, lam_v, a_v, gr, rr, gg, upd, cos_r, cos_f, scale_v), rest = values[:11], values[11:]
-        inner_losses, group_lams = rest[: len(losses)], rest[len(losses) :]
-        _validate(inner_losses, r_loss, gg, rr)
+        (r_loss, g_val, lam_v, a_v, gr, rr, gg, upd, cos_r, cos_f, scale_v, s_v), rest = (
+            values[:12],
+            values[12:],
+        )
+        n = len(forget_losses)
+        inner_losses, group_lams, flags = rest[:n], rest[n : n + len(lams)], rest[n + len(lams) :]
+        skipped = _check_finite(inner_losses, [f > 0 for f in flags], r_loss, gg, rr, amp is not None)
         return StepStats(
             retain_loss=r_loss,
             forget_loss=inner_losses[0],
@@ -382,54 +526,144 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
             clip_scale=scale_v,
             inner_losses=tuple(inner_losses),
             group_lams=tuple(group_lams),
+            skipped=skipped,
+            grad_scale=s_v,
         )
 
     def _blocks(self, layout: FlatLayout) -> list[tuple[int, Tensor, list[Tensor]]]:
         """Projection blocks as (group index for hyperparameters, 2x2 Gram, (2, m) slices).
 
-        Global: one block over every bucket. Per group: one block per param group.
+        Global: one block over every bucket. Per group: one block per param group. Gram matrices of
+        sharded buckets are partial sums; they are all-reduced over the shard groups here.
         """
         if self.projection == "global":
-            grams = [F.gram_rows(b.rows) for b in layout.buckets]
-            acc = torch.float64 if any(g.dtype == torch.float64 for g in grams) else torch.float32
-            device = grams[0].device
-            total = sum((g.to(device=device, dtype=acc) for g in grams[1:]), grams[0].to(acc))
-            return [(0, total, [b.rows for b in layout.buckets])]
-        per_group: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
-        for b in layout.buckets:
-            for gs in b.groups:
-                rows = b.rows[:, gs.start : gs.end]
-                entry = per_group.setdefault(gs.group, ([], []))
-                entry[0].append(F.gram_rows(rows))
-                entry[1].append(rows)
+            spec = [(0, [(b, b.rows) for b in layout.buckets])]
+        else:
+            per_group: dict[int, list[tuple[Bucket, Tensor]]] = {}
+            for b in layout.buckets:
+                for gs in b.groups:
+                    per_group.setdefault(gs.group, []).append((b, b.rows[:, gs.start : gs.end]))
+            spec = sorted(per_group.items())
+        grams = [[F.gram_rows(rows) for _, rows in parts] for _, parts in spec]
+        if layout.sharded:
+            _sum_over_shards(grams, [[b.shard_groups for b, _ in parts] for _, parts in spec])
         out = []
-        for gi in sorted(per_group):
-            grams, slices = per_group[gi]
-            acc = torch.float64 if any(g.dtype == torch.float64 for g in grams) else torch.float32
-            device = grams[0].device
-            total = sum((g.to(device=device, dtype=acc) for g in grams[1:]), grams[0].to(acc))
-            out.append((gi, total, slices))
+        for (gi, parts), partial in zip(spec, grams, strict=True):
+            acc = torch.float64 if any(g.dtype == torch.float64 for g in partial) else torch.float32
+            device = partial[0].device
+            total = sum((g.to(device=device, dtype=acc) for g in partial[1:]), partial[0].to(acc))
+            out.append((gi, total, [rows for _, rows in parts]))
         return out
 
 
-def _validate(forget_losses: list[float], retain_loss: float, gg: float, rr: float) -> None:
-    """Name the first non-finite quantity in the order it was computed, so the root cause is reported
-    (a NaN gradient at θ would otherwise surface as a NaN loss at φ^1)."""
-    checks = [(forget_losses[0], "forget_closure returned a non-finite loss ({}) at θ")]
-    checks.append((gg, "the gradient of forget_closure at θ contains NaN or inf (squared norm {})"))
-    checks += [
+class _LossScaling:
+    """GradScaler bookkeeping for one step.
+
+    Each loss is multiplied by the scale s before backward. Rows that the inner descent reads are
+    unscaled in place right after their backward, with the inf/NaN check fused into the same pass.
+    The rows at θ stay scaled: 1/s is folded into the Gram (1/s² per product) and into δ's
+    coefficients, and a non-finite entry shows up as a non-finite Gram entry, for free.
+    """
+
+    def __init__(self, scaler: torch.amp.GradScaler, device: torch.device) -> None:
+        self.scaler = scaler
+        self.scale = scaler.scale(torch.ones((), dtype=torch.float32, device=device))
+        self.inv = self.scale.double().reciprocal().float()
+        self.inner_overflow: list[Tensor] = []
+
+    def scaled(self, loss: Tensor) -> Tensor:
+        return loss * self.scale.to(loss.device)
+
+    def unscale(self, layout: FlatLayout, row: int) -> Tensor:
+        """Divide ``row`` by s in place; returns 1.0 if it held an inf/NaN, else 0.0."""
+        found = torch.zeros((), dtype=torch.float32, device=self.scale.device)
+        for b in layout.buckets:
+            local = torch.zeros((), dtype=torch.float32, device=b.rows.device)
+            torch._amp_foreach_non_finite_check_and_unscale_([b.rows[row]], local, self.inv.to(b.rows.device))
+            found = found + local.to(found.device)
+        return found
+
+    def row_factors(self, constraint_unscaled: bool) -> Tensor:
+        """[u_f, u_r]: the factor that turns each row back into a gradient."""
+        one = torch.ones_like(self.inv)
+        return torch.stack([one if constraint_unscaled else self.inv, self.inv])
+
+    def update(self, optimizer: torch.optim.Optimizer, skipped: bool) -> None:
+        """Record this step's overflow with the scaler and update its scale (back off on a skip)."""
+        found = torch.full((), float(skipped), dtype=torch.float32, device=self.scale.device)
+        # GradScaler.update() reads the per-optimizer overflow records that its own unscale_/step
+        # write; this optimizer unscales itself, so it writes its record the same way.
+        state = self.scaler._per_optimizer_states[id(optimizer)]
+        state["found_inf_per_device"] = {found.device: found}
+        state["stage"] = OptState.STEPPED
+        self.scaler.update()
+
+
+def _sum_over_shards(grams: list[list[Tensor]], shard_groups: list[list[list[Any]]]) -> None:
+    """All-reduce (sum) the partial Gram matrices of sharded buckets in place of ``grams``,
+    with one collective per distinct set of shard groups."""
+    by_groups: dict[tuple[int, ...], tuple[list[Any], list[tuple[int, int]]]] = {}
+    for i, row in enumerate(shard_groups):
+        for j, groups in enumerate(row):
+            if groups:
+                by_groups.setdefault(tuple(id(g) for g in groups), (groups, []))[1].append((i, j))
+    for groups, where in by_groups.values():
+        stacked = torch.stack([grams[i][j] for i, j in where])
+        for pg in groups:
+            dist.all_reduce(stacked, group=pg)
+        for (i, j), m in zip(where, stacked, strict=True):
+            grams[i][j] = m
+
+
+def _check_finite(
+    forget_losses: list[float],
+    inner_overflow: list[bool],
+    retain_loss: float,
+    gg: float,
+    rr: float,
+    scaled: bool,
+) -> bool:
+    """Check every measured quantity in the order it was computed, so the root cause is reported
+    (a NaN gradient at θ would otherwise surface as a NaN loss at φ^1).
+
+    A non-finite gradient under a GradScaler is an overflow of the scaled backward: the step is
+    skipped (returns True). Anything else non-finite raises :class:`ClosureError`.
+    """
+    checks: list[tuple[bool, bool, str]] = [
         (
-            v,
-            f"forget_closure returned a non-finite loss ({{}}) at inner step φ^{k}; lower inner_lr if "
-            "the inner steps diverge",
-        )
-        for k, v in enumerate(forget_losses[1:], start=1)
+            math.isfinite(forget_losses[0]),
+            False,
+            f"forget_closure returned a non-finite loss ({forget_losses[0]}) at θ",
+        ),
+        (
+            math.isfinite(gg),
+            True,
+            f"the gradient of forget_closure at θ contains NaN or inf (squared norm {gg})",
+        ),
     ]
-    checks.append((retain_loss, "retain_closure returned a non-finite loss ({})"))
-    checks.append((rr, "the gradient of retain_closure contains NaN or inf (squared norm {})"))
-    for value, message in checks:
-        if not math.isfinite(value):
-            raise ClosureError(message.format(value) + "; the step was not taken and θ is unchanged")
+    for k, loss in enumerate(forget_losses[1:], start=1):
+        checks.append(
+            (
+                math.isfinite(loss),
+                False,
+                f"forget_closure returned a non-finite loss ({loss}) at inner step φ^{k}; lower inner_lr if "
+                "the inner steps diverge",
+            )
+        )
+        if k <= len(inner_overflow):  # recorded with a scaler only, so an overflow is always a skip
+            checks.append((not inner_overflow[k - 1], True, ""))
+    checks.append(
+        (math.isfinite(retain_loss), False, f"retain_closure returned a non-finite loss ({retain_loss})")
+    )
+    checks.append(
+        (math.isfinite(rr), True, f"the gradient of retain_closure contains NaN or inf (squared norm {rr})")
+    )
+    for ok, is_gradient, message in checks:
+        if not ok:
+            if is_gradient and scaled:
+                return True
+            raise ClosureError(message + "; the step was not taken and θ is unchanged")
+    return False
 
 
 def _reaches(root: Any, param_ids: frozenset[int]) -> bool:

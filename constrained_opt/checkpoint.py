@@ -1,0 +1,331 @@
+"""Atomic, pickle-free checkpoints: model, optimizer (with its base optimizer) and RNG states.
+
+One checkpoint is one safetensors file. Tensors (the model's state dict, optimizer moments, the torch
+RNG states) are stored as safetensors tensors; everything else (hyperparameters, step counters, the
+GradScaler state, numpy's and Python's RNG states, ``extra``) is JSON in the file's metadata, with
+tensors referenced by name. Nothing is pickled, so loading never executes code.
+
+A save writes a temporary file next to the target, fsyncs it, and renames it over the target with
+``os.replace`` (atomic on POSIX and Windows), then fsyncs the directory. A save that fails or is
+killed midway leaves the previous checkpoint as it was; a kill can leave a ``.<name>.*.tmp`` file
+behind, which is never read and may be deleted.
+
+Resuming restores θ, the optimizer state and the global RNGs (torch CPU and CUDA, numpy's legacy
+global generator, Python's ``random``), so closures that sample batches from them continue on the
+identical trajectory. Generators you own (``torch.Generator``, ``numpy.random.Generator``) belong in
+``extra``: ``gen.get_state()`` is a tensor and ``np_gen.bit_generator.state`` is a dict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._flat import local_tensor
+
+FORMAT = "constrained_opt.checkpoint"
+VERSION = 1
+
+__all__ = ["load_checkpoint", "save_checkpoint"]
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    extra: Any = None,
+) -> None:
+    """Write model, optimizer and RNG states to ``path`` atomically.
+
+    ``extra`` may hold JSON-like values (None, bool, int, float, str, lists, tuples, dicts) and
+    tensors, e.g. ``{"step": t, "sampler": gen.get_state()}``; it is returned by
+    :func:`load_checkpoint`. Under data parallelism call it on one rank only, with the unwrapped
+    model (``ddp.module`` / ``accelerator.unwrap_model(model)``).
+    """
+    safetensors_torch = _safetensors()
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot save a checkpoint to {path}: directory {path.parent} does not exist")
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    model_state = model.state_dict()
+    for key, value in model_state.items():
+        tensors[f"model/{key}"] = _storable(value, f"model state {key!r}", seen)
+    encoder = _Encoder(tensors, seen)
+    structure = {
+        "model": list(model_state),
+        "optimizer": None
+        if optimizer is None
+        else {
+            "class": _optimizer_name(optimizer),
+            "state": encoder.encode(optimizer.state_dict(), "optimizer.state_dict()"),
+        },
+        "rng": encoder.encode(_rng_state(), "rng"),
+        "extra": encoder.encode(extra, "extra"),
+    }
+    metadata = {"format": FORMAT, "version": str(VERSION), "structure": json.dumps(structure)}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        safetensors_torch.save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(path.parent)
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    restore_rng: bool = True,
+) -> Any:
+    """Restore a checkpoint of :func:`save_checkpoint` into ``model`` (and ``optimizer``) and the
+    global RNGs; returns its ``extra``.
+
+    Everything is checked before anything is modified: a missing or unreadable file, a model whose
+    parameter names or shapes differ, or an optimizer of another kind or layout raises with the
+    problem named, and leaves model, optimizer and RNGs untouched.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {path}; check the path (save_checkpoint writes a single file), or start "
+            "from scratch"
+        )
+    metadata, tensors = _read(path)
+    structure = json.loads(metadata["structure"])
+    model_state = {key: tensors[f"model/{key}"] for key in structure["model"]}
+    _check_model(path, model, model_state)
+    optimizer_state = None
+    if optimizer is not None:
+        saved = structure["optimizer"]
+        if saved is None:
+            raise ValueError(
+                f"checkpoint {path} holds no optimizer state; pass optimizer=None to load the model only"
+            )
+        if saved["class"] != _optimizer_name(optimizer):
+            raise ValueError(
+                f"checkpoint {path} holds the state of {saved['class']}, but the optimizer is "
+                f"{_optimizer_name(optimizer)}; build the same optimizer as the saved run before loading"
+            )
+        optimizer_state = _decode(saved["state"], tensors)
+        _check_optimizer(path, optimizer, optimizer_state)
+    rng = _decode(structure["rng"], tensors)
+    extra = _decode(structure["extra"], tensors)
+    model.load_state_dict(model_state)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    if restore_rng:
+        _set_rng_state(rng)
+    return extra
+
+
+# ---------------------------------------------------------------------- encoding
+
+
+class _Encoder:
+    """JSON-encodes nested containers; tensors are moved into ``tensors`` and referenced by name."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], seen: set[tuple[int, int]]) -> None:
+        self.tensors = tensors
+        self.seen = seen
+
+    def encode(self, value: Any, where: str) -> Any:
+        if value is None or isinstance(value, bool | int | float | str):
+            return value
+        if isinstance(value, torch.Tensor):
+            name = f"t/{len(self.tensors)}"
+            self.tensors[name] = _storable(value, where, self.seen)
+            return {"__tensor__": name}
+        if isinstance(value, tuple | list):
+            items = [self.encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+            return {"__tuple__": items} if isinstance(value, tuple) else items
+        if isinstance(value, dict):
+            return {
+                "__dict__": [
+                    [self.encode(k, f"{where} key {k!r}"), self.encode(v, f"{where}[{k!r}]")]
+                    for k, v in value.items()
+                ]
+            }
+        raise TypeError(
+            f"cannot checkpoint a {type(value).__name__} at {where}: only tensors, None, bool, int, "
+            "float, str, lists, tuples and dicts are stored (convert it, e.g. with .item() or str())"
+        )
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__tuple__" in value:
+            return tuple(_decode(v, tensors) for v in value["__tuple__"])
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in value["__dict__"]}
+    return value
+
+
+def _storable(t: torch.Tensor, where: str, seen: set[tuple[int, int]]) -> torch.Tensor:
+    """A detached, contiguous CPU tensor owning its storage (safetensors refuses shared memory)."""
+    if local_tensor(t) is not t:
+        raise TypeError(
+            f"{where} is a sharded DTensor; save sharded models with torch.distributed.checkpoint, or "
+            "gather a full state dict first"
+        )
+    t = t.detach().to("cpu").contiguous()
+    storage = t.untyped_storage()
+    key = (storage.data_ptr(), storage.nbytes())
+    if key in seen or storage.nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    seen.add((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+    return t
+
+
+def _optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    base = getattr(optimizer, "base_optimizer", None)
+    name = type(optimizer).__name__
+    return f"{name}({type(base).__name__})" if base is not None else name
+
+
+# ---------------------------------------------------------------------- RNG
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": random.getstate(),
+        "cuda": None,
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    random.setstate(state["python"])
+    cuda = state["cuda"]
+    if cuda is not None:
+        if torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            warnings.warn(
+                f"the checkpoint holds RNG states for {len(cuda)} CUDA devices but "
+                f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} are visible; CUDA RNGs "
+                "were not restored, so CUDA sampling will not repeat the saved run",
+                stacklevel=3,
+            )
+
+
+# ---------------------------------------------------------------------- checks and I/O
+
+
+def _check_model(path: Path, model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    current = model.state_dict()
+    missing = sorted(set(current) - set(saved))
+    unexpected = sorted(set(saved) - set(current))
+    shapes = [
+        f"{k}: saved {tuple(saved[k].shape)} vs model {tuple(current[k].shape)}"
+        for k in current
+        if k in saved and tuple(saved[k].shape) != tuple(current[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        problems = []
+        if missing:
+            problems.append(f"missing from the checkpoint: {_few(missing)}")
+        if unexpected:
+            problems.append(f"not in the model: {_few(unexpected)}")
+        if shapes:
+            problems.append(f"shape mismatch: {_few(shapes)}")
+        hint = ""
+        if any(k.startswith("module.") for k in [*missing, *unexpected]):
+            hint = (
+                " Keys starting with 'module.' come from a DDP/accelerate wrapper: save and load the "
+                "unwrapped model (model.module or accelerator.unwrap_model(model))."
+            )
+        raise ValueError(
+            f"checkpoint {path} does not match the model ({'; '.join(problems)}). Build the same "
+            f"architecture as the saved run before loading.{hint}"
+        )
+
+
+def _check_optimizer(path: Path, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    current = [len(g["params"]) for g in optimizer.param_groups]
+    stored = [len(g["params"]) for g in saved["param_groups"]]
+    if current != stored:
+        raise ValueError(
+            f"checkpoint {path} holds optimizer state for param groups of sizes {stored}, but the "
+            f"optimizer has {current}; pass the same parameters, grouped the same way, as the saved run"
+        )
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    _safetensors()
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as fh:
+            metadata = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except SafetensorError as exc:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({exc}); it may be truncated or not a checkpoint"
+        ) from exc
+    if metadata.get("format") != FORMAT:
+        raise ValueError(
+            f"{path} was not written by constrained_opt.save_checkpoint (no checkpoint metadata)"
+        )
+    if int(metadata["version"]) > VERSION:
+        raise ValueError(
+            f"{path} has checkpoint format version {metadata['version']}, newer than this library's "
+            f"{VERSION}; upgrade constrained_opt to load it"
+        )
+    return metadata, tensors
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _safetensors() -> Any:
+    try:
+        import safetensors.torch
+    except ImportError as exc:
+        raise ImportError(
+            "checkpoints need the safetensors package: pip install safetensors "
+            "(or constrained_opt[diffusion])"
+        ) from exc
+    return safetensors.torch
