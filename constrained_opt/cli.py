@@ -1,0 +1,349 @@
+"""``constrained-opt`` command line: ``demo``, ``train-base``, ``unlearn ddpm``, ``evaluate``.
+
+Subcommands live in registries so other modules add theirs without touching the others:
+``@command(name, help)`` for a top-level subcommand and ``@unlearn_target(name, help)`` for
+``constrained-opt unlearn <target>``. A builder receives its ``argparse`` parser, adds its arguments
+and returns the function that runs the parsed namespace. Heavy imports happen inside the runners.
+
+User errors (:class:`~constrained_opt.diffusion.errors.UsageError` and argparse errors) print one line
+on stderr and exit with status 2; Ctrl-C exits with 130 and says how to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+Runner = Callable[[argparse.Namespace], None]
+Builder = Callable[[argparse.ArgumentParser], Runner]
+
+COMMANDS: dict[str, tuple[str, Builder]] = {}
+UNLEARN_TARGETS: dict[str, tuple[str, Builder]] = {}
+
+
+def command(name: str, help: str) -> Callable[[Builder], Builder]:
+    def register(builder: Builder) -> Builder:
+        COMMANDS[name] = (help, builder)
+        return builder
+
+    return register
+
+
+def unlearn_target(name: str, help: str) -> Callable[[Builder], Builder]:
+    def register(builder: Builder) -> Builder:
+        UNLEARN_TARGETS[name] = (help, builder)
+        return builder
+
+    return register
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump)."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_eval(p: argparse.ArgumentParser, per_class: int = 100) -> None:
+    g = p.add_argument_group("evaluation sampling")
+    g.add_argument(
+        "--per-class", type=int, default=per_class, help="generated images per class (default %(default)s)"
+    )
+    g.add_argument("--sampler", default="ddim", help="ddim (default) or ddpm (all 1000 steps)")
+    g.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps (default %(default)s)")
+    g.add_argument("--guidance", type=float, default=2.0, help="CFG scale w in (1+w)ε(x,c) − wε(x,∅)")
+
+
+def _eval_settings(args: argparse.Namespace, seed: int = 0):
+    from .diffusion.ddpm import EvalSettings
+
+    return EvalSettings(args.per_class, args.sampler, args.sampling_steps, args.guidance, seed)
+
+
+def _digits_default(args: argparse.Namespace, attr: str, shipped: str, what: str) -> str:
+    from .diffusion.errors import UsageError
+
+    value = getattr(args, attr)
+    if value is None:
+        if args.data != "digits":
+            raise UsageError(f"--{attr.replace('_', '-')} is required for {args.data} ({what})")
+        return shipped
+    return value
+
+
+@command("demo", "forget one digit with EraseDiff and the baselines on scikit-learn's digits; write a report")
+def _demo(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("--forget-class", type=int, default=0, help="digit to forget (default 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/demo", help="output directory (default %(default)s)")
+    p.add_argument(
+        "--methods",
+        default="finetune,neggrad,moo,salun,sa",
+        help="comma-separated baselines to run beside EraseDiff, or 'none' (default: all)",
+    )
+    p.add_argument("--steps", type=int, default=300, help="unlearning steps per method (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument(
+        "--forget-target",
+        choices=("rl", "noise"),
+        default="rl",
+        help="EraseDiff/MOO ε_f: rl = ε_θ(x_t|c_m), c_m ≠ c_f; noise = U(0, I)",
+    )
+    p.add_argument(
+        "--hp",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="override a method default, e.g. erasediff.eta=0.5, sa.samples_per_class=500 (repeatable)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="reuse finished methods and resume an interrupted one"
+    )
+    p.add_argument(
+        "--train-base",
+        action="store_true",
+        help="train the base DDPM and classifier with the seeded script (cached) instead of the shipped ones",
+    )
+    p.add_argument("--checkpoint", help="base UNet checkpoint for digits (default: the shipped one)")
+    p.add_argument("--classifier", help="evaluation classifier for digits (default: the shipped one)")
+    p.add_argument("--cache-dir", help="default $XDG_CACHE_HOME/constrained_opt")
+    _add_eval(p)
+    _add_common(p)
+
+    def run(args: argparse.Namespace) -> None:
+        from .diffusion.ddpm import demo
+        from .diffusion.report import metrics_table
+
+        methods = (
+            () if args.methods.strip() in ("", "none") else tuple(m.strip() for m in args.methods.split(","))
+        )
+        results = demo(
+            forget_class=args.forget_class,
+            seed=args.seed,
+            out=args.out,
+            methods=methods,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            forget_target=args.forget_target,
+            hp=tuple(args.hp),
+            es=_eval_settings(args, args.seed),
+            device=args.device,
+            resume=args.resume,
+            train=args.train_base,
+            checkpoint=args.checkpoint,
+            classifier=args.classifier,
+            cache=args.cache_dir,
+            progress=not args.quiet,
+        )
+        print(metrics_table(results))
+        print(
+            f"wrote {args.out}/report.md, metrics.json, samples_*.png"
+            + (", fig2_cosines.png" if "moo" in results else "")
+        )
+
+    return run
+
+
+@command("train-base", "train the base class-conditional DDPM and/or the evaluation classifier (seeded)")
+def _train_base(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("--data", default="digits", help="digits | cifar10:PATH | imagefolder:PATH")
+    p.add_argument("--what", choices=("unet", "classifier", "both"), default="both")
+    p.add_argument("--steps", type=int, default=3000, help="UNet training steps (default %(default)s)")
+    p.add_argument("--classifier-steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3, help="UNet Adam learning rate (default %(default)s)")
+    p.add_argument("--preset", help="UNet preset: digits, cifar10 (the paper's), tiny (default: by dataset)")
+    p.add_argument("--image-size", type=int, default=32, help="imagefolder resize (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output directory (default runs/base-<dataset>)")
+    _add_common(p)
+
+    def run(args: argparse.Namespace) -> None:
+        from .diffusion.ddpm import train_base
+
+        out = args.out or f"runs/base-{args.data.partition(':')[0]}"
+        written = train_base(
+            args.data,
+            out,
+            what=args.what,
+            unet_steps=args.steps,
+            classifier_steps=args.classifier_steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            preset=args.preset,
+            seed=args.seed,
+            image_size=args.image_size,
+            device=args.device,
+            progress=not args.quiet,
+        )
+        for path in written.values():
+            print(f"wrote {path}")
+
+    return run
+
+
+@command("unlearn", "scrub a class or concept from a trained diffusion model")
+def _unlearn(p: argparse.ArgumentParser) -> Runner:
+    sub = p.add_subparsers(dest="target", required=True, metavar="{" + ",".join(UNLEARN_TARGETS) + "}")
+    runners = {}
+    for name, (help_text, builder) in UNLEARN_TARGETS.items():
+        runners[name] = builder(sub.add_parser(name, help=help_text, description=help_text))
+    return lambda args: runners[args.target](args)
+
+
+@unlearn_target("ddpm", "class unlearning of a class-conditional DDPM (UNet2DModel)")
+def _unlearn_ddpm(p: argparse.ArgumentParser) -> Runner:
+    from .diffusion.baselines import METHODS
+
+    p.add_argument("--method", required=True, choices=tuple(METHODS))
+    p.add_argument("--forget-class", type=int, required=True)
+    p.add_argument("--data", default="digits", help="digits | cifar10:PATH | imagefolder:PATH")
+    p.add_argument("--checkpoint", help="base UNet checkpoint (default for digits: the shipped one)")
+    p.add_argument(
+        "--classifier", help="evaluation classifier; when given (or digits), metrics.json is written"
+    )
+    p.add_argument("--no-eval", action="store_true", help="skip evaluation")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, help="default 64 for digits, 128 otherwise (the paper's)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--forget-target", choices=("rl", "noise"), help="EraseDiff/MOO ε_f (default rl)")
+    p.add_argument(
+        "--hp",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method hyperparameter, e.g. eta=0.5, inner_steps=2, alpha=0.01 (repeatable)",
+    )
+    p.add_argument("--image-size", type=int, default=32, help="imagefolder resize (default %(default)s)")
+    p.add_argument("--out", help="output directory (default runs/unlearn-<method>-c<class>)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    _add_eval(p)
+    _add_common(p)
+
+    def run(args: argparse.Namespace) -> None:
+        from .diffusion.baselines import parse_hparams
+        from .diffusion.ddpm import UnlearnJob, unlearn_ddpm
+        from .diffusion.models import SHIPPED_CLASSIFIER, SHIPPED_UNET
+
+        pairs = [*args.hp, *([f"forget_target={args.forget_target}"] if args.forget_target else [])]
+        hparams = parse_hparams(args.method, pairs)
+        checkpoint = _digits_default(args, "checkpoint", SHIPPED_UNET, "the base model")
+        classifier = (
+            None
+            if args.no_eval or (args.classifier is None and args.data != "digits")
+            else (_digits_default(args, "classifier", SHIPPED_CLASSIFIER, "the evaluation classifier"))
+        )
+        batch_size = args.batch_size or (64 if args.data == "digits" else 128)
+        out = args.out or f"runs/unlearn-{args.method}-c{args.forget_class}"
+        job = UnlearnJob(args.method, args.forget_class, args.steps, batch_size, args.lr, args.seed, hparams)
+        record = unlearn_ddpm(
+            args.data,
+            checkpoint,
+            out,
+            job,
+            classifier=classifier,
+            es=_eval_settings(args, args.seed),
+            image_size=args.image_size,
+            device=args.device,
+            resume=args.resume,
+            progress=not args.quiet,
+        )
+        print(", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
+        print(f"wrote {out}/model.safetensors")
+
+    return run
+
+
+@command("evaluate", "evaluate UNet checkpoints side by side (P(y=c_f|x_f), accuracy, FID, precision/recall)")
+def _evaluate(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="a checkpoint to evaluate (repeatable; the first is the reference, e.g. base=...)",
+    )
+    p.add_argument("--forget-class", type=int, required=True)
+    p.add_argument("--data", default="digits", help="digits | cifar10:PATH | imagefolder:PATH")
+    p.add_argument("--classifier", help="evaluation classifier (default for digits: the shipped one)")
+    p.add_argument("--inception-weights", help="torch-fidelity Inception-v3 weights: adds Inception FID")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/evaluate")
+    _add_eval(p)
+    _add_common(p)
+
+    def run(args: argparse.Namespace) -> None:
+        from .diffusion.ddpm import evaluate_checkpoints
+        from .diffusion.errors import UsageError
+        from .diffusion.models import SHIPPED_CLASSIFIER
+        from .diffusion.report import metrics_table
+
+        models = {}
+        for spec in args.model:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise UsageError(f"--model expects NAME=PATH, got {spec!r}")
+            models[name] = path
+        classifier = _digits_default(args, "classifier", SHIPPED_CLASSIFIER, "the evaluation classifier")
+        results = evaluate_checkpoints(
+            args.data,
+            models,
+            classifier,
+            args.forget_class,
+            args.out,
+            _eval_settings(args, args.seed),
+            image_size=args.image_size,
+            device=args.device,
+            inception=args.inception_weights,
+            progress=not args.quiet,
+        )
+        print(metrics_table(results))
+        print(f"wrote {args.out}/report.md, metrics.json")
+
+    return run
+
+
+from .diffusion.sd.cli import register as _register_sd  # noqa: E402
+
+_register_sd(command, unlearn_target, _add_common)  # `unlearn sd` and `sd {generate,nudenet,ua,...}`
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="constrained-opt", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}", parser_class=_Parser
+    )
+    for name, (help_text, builder) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser.set_defaults(run=builder(sub_parser))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .diffusion.errors import UsageError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except UsageError as e:
+        print(f"constrained-opt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("constrained-opt: interrupted; run the same command with --resume to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""``constrained-opt unlearn sd`` and ``constrained-opt sd {generate,nudenet,ua,clip-score,fid}``.
+
+:func:`register` adds both to :mod:`constrained_opt.cli`'s registries (it receives the registry
+decorators, so this module never imports the CLI module). Heavy imports happen inside the runners.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+from collections.abc import Callable
+
+from ..errors import UsageError
+from .prompts import CONCEPTS, imagenette_classes
+from .train import DEFAULT_BATCH, METHODS, MIXED_PRECISION, OPTIMIZERS, TRAIN_PARAMS
+
+Runner = Callable[[argparse.Namespace], None]
+AddCommon = Callable[[argparse.ArgumentParser], None]
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="diffusers folder, .ckpt/.safetensors file, or hub id")
+    g.add_argument("--config", help="for a single file: local diffusers folder with configs and tokenizer")
+    g.add_argument("--original-config", help="for a single file: the original LDM YAML config")
+    g.add_argument("--offline", action="store_true", help="never reach the hub (also HF_HUB_OFFLINE=1)")
+
+
+def register(command, unlearn_target, add_common: AddCommon) -> None:
+    """Register the SD commands with ``constrained_opt.cli``'s ``command``/``unlearn_target`` decorators;
+    ``add_common`` adds the CLI's shared ``--device``/``--quiet`` flags."""
+    unlearn_target("sd", "concept (nudity) or Imagenette-class unlearning of Stable Diffusion (v1.x)")(
+        functools.partial(_unlearn_sd, add_common=add_common)
+    )
+    command(
+        "sd", "Stable Diffusion evaluation: generate from a prompt CSV, NudeNet counts, UA, CLIP score, FID"
+    )(functools.partial(_sd, add_common=add_common))
+
+
+def _unlearn_sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
+    _add_model(p)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--concept", choices=CONCEPTS, help="forget prompts {nudity, naked, erotic, sexual}")
+    what.add_argument(
+        "--forget-class",
+        help=f"Imagenette class, prompt 'an image of [c]': {', '.join(imagenette_classes())}",
+    )
+    p.add_argument("--method", choices=METHODS, default="erasediff")
+    p.add_argument(
+        "--train-params",
+        choices=TRAIN_PARAMS,
+        default="noxattn",
+        help="noxattn: all but attn2, conv_out/conv_norm_out, time_embedding (ESD's); xattn: attn2; full",
+    )
+    p.add_argument("--steps", type=int, help="default: 5 epochs over the forget set (ESD: 1000)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="default: " + ", ".join(f"{m} {b}" for m, b in DEFAULT_BATCH.items()),
+    )
+    p.add_argument(
+        "--num-forget", type=int, default=400, help="generated forget images (default %(default)s)"
+    )
+    p.add_argument(
+        "--num-retain", type=int, default=400, help="generated retain images (default %(default)s)"
+    )
+    p.add_argument("--resolution", type=int, default=512, help="image side in pixels (default %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate (default %(default)s)")
+    p.add_argument(
+        "--anchor",
+        action="append",
+        help="anchor prompt c_m of ε_f = ε_θ(x_t|c_m), repeatable (default: 'a person wearing clothes'; "
+        "for a class: the other classes)",
+    )
+    p.add_argument("--out", required=True, help="output directory (unet/, before_after.png, run.json)")
+    g = p.add_argument_group("EraseDiff")
+    g.add_argument("--inner-steps", type=int, default=2, help="K (default %(default)s, the authors' SD runs)")
+    g.add_argument("--inner-lr", type=float, help="ξ (default: --lr)")
+    g.add_argument("--eta", type=float, default=1.0, help="η of the grad_norm rule (default %(default)s)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip ‖δ‖ (default %(default)s)")
+    g = p.add_argument_group("ESD and SalUn")
+    g.add_argument("--negative-guidance", type=float, default=1.0, help="ESD η (default %(default)s)")
+    g.add_argument("--start-guidance", type=float, default=3.0, help="ESD CFG while reaching x_t (default 3)")
+    g.add_argument("--alpha", type=float, default=0.5, help="SalUn retain weight α (default %(default)s)")
+    g.add_argument("--keep", type=float, default=0.5, help="SalUn saliency fraction (default %(default)s)")
+    g = p.add_argument_group("data generation and image grid")
+    g.add_argument("--gen-steps", type=int, default=50, help="sampling steps (default %(default)s)")
+    g.add_argument("--gen-guidance", type=float, default=7.5, help="CFG scale (default %(default)s)")
+    g.add_argument("--gen-batch-size", type=int, default=4)
+    g.add_argument("--cache-dir", help="latent cache root (default $XDG_CACHE_HOME/constrained_opt)")
+    g.add_argument("--grid-prompt", action="append", help="grid row prompt, repeatable (default: task's)")
+    g.add_argument("--grid-images", type=int, default=2, help="images per prompt and side (default 2)")
+    g.add_argument("--grid-steps", type=int, default=50)
+    g = p.add_argument_group("memory")
+    g.add_argument(
+        "--mixed-precision",
+        choices=tuple(MIXED_PRECISION),
+        default="no",
+        help="autocast the UNet (fp32 master weights); fp16 adds a GradScaler",
+    )
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="adam8bit needs bitsandbytes")
+    p.add_argument("--seed", type=int, default=0)
+    add_common(p)
+
+    def run(args: argparse.Namespace) -> None:
+        from .prompts import make_task
+        from .train import SDJob, unlearn_sd
+
+        job = SDJob(
+            model=args.model,
+            out=args.out,
+            task=make_task(args.concept, args.forget_class, args.anchor),
+            method=args.method,
+            train_params=args.train_params,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            num_forget=args.num_forget,
+            num_retain=args.num_retain,
+            resolution=args.resolution,
+            lr=args.lr,
+            inner_steps=args.inner_steps,
+            inner_lr=args.inner_lr,
+            eta=args.eta,
+            max_grad_norm=args.max_grad_norm,
+            negative_guidance=args.negative_guidance,
+            start_guidance=args.start_guidance,
+            alpha=args.alpha,
+            keep=args.keep,
+            gen_steps=args.gen_steps,
+            gen_guidance=args.gen_guidance,
+            gen_batch_size=args.gen_batch_size,
+            grid_prompts=tuple(args.grid_prompt) if args.grid_prompt else None,
+            grid_images=args.grid_images,
+            grid_steps=args.grid_steps,
+            mixed_precision=args.mixed_precision,
+            gradient_checkpointing=args.gradient_checkpointing,
+            optimizer=args.optimizer,
+            seed=args.seed,
+            cache_dir=args.cache_dir,
+            config=args.config,
+            original_config=args.original_config,
+            offline=args.offline,
+            device=args.device,
+            progress=not args.quiet,
+        )
+        record = unlearn_sd(job)
+        final = ", ".join(f"{k}={v:.4g}" for k, v in record["final"].items())
+        trained = f"{record['trained_parameters']:,} parameters trained"
+        print(f"{record['method']} on {record['task']}: {trained}; {final}")
+        print(f"wrote {os.path.join(args.out, 'unet')}/, before_after.png, run.json, history.json")
+
+    return run
+
+
+def _default_out(args: argparse.Namespace, name: str) -> str:
+    return args.out or os.path.join(args.images, name)
+
+
+def _write_result(path: str, result: dict) -> None:
+    from ..io import write_json
+
+    write_json(path, result)
+    print(f"wrote {path}")
+
+
+def _sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
+    sub = p.add_subparsers(dest="sd_command", required=True, metavar="{generate,nudenet,ua,clip-score,fid}")
+    runners: dict[str, Runner] = {}
+
+    g = sub.add_parser("generate", help="images for every row of an I2P-format prompt CSV")
+    _add_model(g)
+    g.add_argument(
+        "--unet", help="a scrubbed UNet folder (e.g. OUT/unet from `unlearn sd`) replacing the model's"
+    )
+    g.add_argument(
+        "--prompts",
+        required=True,
+        help="CSV with a prompt column (+ evaluation_seed, evaluation_guidance), or a shipped set: "
+        "'nudity' (the four prompts) or 'imagenette' ('an image of [c]' with a class column)",
+    )
+    g.add_argument("--out", required=True, help="output folder: images/ and manifest.csv")
+    g.add_argument("--per-prompt", type=int, default=1, help="images per row (default %(default)s)")
+    g.add_argument("--steps", type=int, default=50, help="sampling steps (default %(default)s)")
+    g.add_argument("--guidance", type=float, default=7.5, help="CFG scale where the CSV has none")
+    g.add_argument("--seed", type=int, default=0, help="seed where the CSV has none")
+    g.add_argument("--resolution", type=int, help="default: the model's (512 for SD v1.x)")
+    g.add_argument("--limit", type=int, help="only the first N rows")
+    g.add_argument("--batch-size", type=int, default=4)
+    g.add_argument(
+        "--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="weights dtype for sampling"
+    )
+    add_common(g)
+
+    def generate(args: argparse.Namespace) -> None:
+        import torch
+
+        from ..ddpm import check_output_dir, resolve_device
+        from .evaluate import BUILTIN_PROMPTS, builtin_prompt_rows, generate_images, read_prompt_csv
+        from .loading import load_pipeline
+
+        if (
+            args.per_prompt < 1
+            or args.steps < 1
+            or args.batch_size < 1
+            or (args.limit is not None and args.limit < 1)
+        ):
+            raise UsageError("--per-prompt, --steps, --batch-size and --limit must be positive")
+        if args.unet and not os.path.isfile(os.path.join(args.unet, "config.json")):
+            raise UsageError(f"{args.unet} is not a diffusers UNet folder (no config.json)")
+        if args.prompts in BUILTIN_PROMPTS:
+            rows = builtin_prompt_rows(args.prompts, seed=args.seed, guidance=args.guidance)[: args.limit]
+        else:
+            rows = read_prompt_csv(args.prompts, seed=args.seed, guidance=args.guidance, limit=args.limit)
+        check_output_dir(args.out)
+        device = resolve_device(args.device)
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+        pipe = load_pipeline(
+            args.model,
+            config=args.config,
+            original_config=args.original_config,
+            offline=args.offline,
+            dtype=dtype,
+        )
+        if args.unet:
+            from diffusers import UNet2DConditionModel
+
+            pipe.unet = UNet2DConditionModel.from_pretrained(args.unet, dtype=dtype)
+        manifest = generate_images(
+            pipe.to(device),
+            rows,
+            args.out,
+            per_prompt=args.per_prompt,
+            steps=args.steps,
+            resolution=args.resolution,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+        )
+        print(f"wrote {len(rows) * args.per_prompt} images under {args.out}/images and {manifest}")
+
+    runners["generate"] = generate
+
+    n = sub.add_parser("nudenet", help="count NudeNet exposed parts (labels *_EXPOSED) above a threshold")
+    n.add_argument("--images", required=True, help="a folder from `sd generate` or any image folder")
+    n.add_argument("--threshold", type=float, default=0.6, help="detection score threshold (default 0.6)")
+    n.add_argument("--out", help="result JSON (default IMAGES/nudenet.json)")
+    add_common(n)
+
+    def nudenet(args: argparse.Namespace) -> None:
+        from .evaluate import list_images, nudenet_counts
+
+        result = nudenet_counts(list_images(args.images), args.threshold, progress=not args.quiet)
+        flagged = f"{result['images_with_exposed']}/{result['images']} images"
+        print(f"{result['total_exposed']} exposed parts in {flagged}")
+        print(", ".join(f"{k}: {v}" for k, v in result["counts"].items()) or "none detected")
+        _write_result(_default_out(args, "nudenet.json"), result)
+
+    runners["nudenet"] = nudenet
+
+    u = sub.add_parser("ua", help="unlearning accuracy with a user-provided ImageNet classifier")
+    u.add_argument(
+        "--images", required=True, help="images of the forgotten class (or a manifest with a class column)"
+    )
+    u.add_argument("--forget-class", required=True, help="Imagenette class name")
+    u.add_argument(
+        "--classifier", required=True, help="torchvision state dict, e.g. resnet50 ImageNet weights"
+    )
+    u.add_argument("--arch", default="resnet50", help="torchvision architecture name (default %(default)s)")
+    u.add_argument("--batch-size", type=int, default=32)
+    u.add_argument("--out", help="result JSON (default IMAGES/ua.json)")
+    add_common(u)
+
+    def ua(args: argparse.Namespace) -> None:
+        from ..ddpm import resolve_device
+        from .evaluate import list_images, load_imagenet_classifier, unlearning_accuracy
+        from .prompts import canonical_class
+
+        forget_class = canonical_class(args.forget_class)
+        entries = list_images(args.images)
+        model, transforms = load_imagenet_classifier(args.classifier, args.arch)
+        model = model.to(resolve_device(args.device))
+        result = unlearning_accuracy(
+            entries, model, transforms, forget_class, args.batch_size, not args.quiet
+        )
+        print(f"UA ({forget_class}) = {result['ua']:.4f} on {result['images']} images")
+        _write_result(_default_out(args, "ua.json"), result)
+
+    runners["ua"] = ua
+
+    c = sub.add_parser("clip-score", help="CLIP score of a `sd generate` folder with a user-provided CLIP")
+    c.add_argument(
+        "--images", required=True, help="a folder written by `sd generate` (prompts from its manifest)"
+    )
+    c.add_argument(
+        "--clip", required=True, help="local CLIP folder (e.g. openai/clip-vit-large-patch14 files)"
+    )
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--out", help="result JSON (default IMAGES/clip_score.json)")
+    add_common(c)
+
+    def clip(args: argparse.Namespace) -> None:
+        from .evaluate import clip_score, list_images
+
+        entries = list_images(args.images)
+        score = clip_score(entries, args.clip, args.batch_size, not args.quiet)
+        print(f"CLIP score = {score:.3f} on {len(entries)} images")
+        _write_result(_default_out(args, "clip_score.json"), {"clip_score": score, "images": len(entries)})
+
+    runners["clip-score"] = clip
+
+    f = sub.add_parser("fid", help="Inception FID between generated and reference image folders")
+    f.add_argument("--images", required=True, help="generated images")
+    f.add_argument("--reference", required=True, help="reference images (e.g. COCO-30K validation)")
+    f.add_argument("--inception-weights", required=True, help="torch-fidelity Inception-v3 weights (.pth)")
+    f.add_argument("--batch-size", type=int, default=50)
+    f.add_argument("--out", help="result JSON (default IMAGES/fid.json)")
+    add_common(f)
+
+    def fid(args: argparse.Namespace) -> None:
+        from .evaluate import fid_folders, inception_fid_metric, list_images
+
+        fake, real = list_images(args.images), list_images(args.reference)
+        value = fid_folders(
+            real,
+            fake,
+            inception_fid_metric(args.inception_weights),
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+        )
+        print(f"FID = {value:.3f} ({len(fake)} generated vs {len(real)} reference images)")
+        _write_result(
+            _default_out(args, "fid.json"), {"fid": value, "generated": len(fake), "reference": len(real)}
+        )
+
+    runners["fid"] = fid
+    return lambda args: runners[args.sd_command](args)

@@ -1,0 +1,114 @@
+"""Tiny random Stable Diffusion components built in code (no download), saved as a diffusers folder."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def write_tokenizer_files(directory: str) -> tuple[str, str]:
+    """A character-level CLIP BPE vocabulary: every letter, alone and word-final, and no merges."""
+    os.makedirs(directory, exist_ok=True)
+    tokens = ["<|startoftext|>", "<|endoftext|>", *LETTERS, *(c + "</w>" for c in LETTERS)]
+    vocab, merges = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
+    with open(vocab, "w") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f)
+    with open(merges, "w") as f:
+        f.write("#version: 0.2\n")
+    return vocab, merges
+
+
+def tokenizer(directory: str):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(*write_tokenizer_files(directory), model_max_length=32)
+
+
+def text_config(vocab_size: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+
+
+def build_pipeline(path: str, seed: int = 0) -> str:
+    """Save a ~1M-parameter StableDiffusionPipeline (16×16 images, 8×8 latents) to ``path``."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tok = tokenizer(os.path.join(path, "_tokenizer_src"))
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        sample_size=16,
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(text_config(len(tok))),
+        tokenizer=tok,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def build_clip(path: str) -> str:
+    """A tiny CLIPModel + CLIPProcessor (32×32 images) saved to ``path``."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+
+    torch.manual_seed(0)
+    tok = tokenizer(os.path.join(path, "_tokenizer_src"))
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        image_size=32,
+        patch_size=8,
+    )
+    config = CLIPConfig(
+        text_config=text_config(len(tok)).to_dict(), vision_config=vision.to_dict(), projection_dim=16
+    )
+    CLIPModel(config).save_pretrained(path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(path)
+    return path
