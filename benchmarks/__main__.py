@@ -24,12 +24,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=RESULTS, help="folder for the JSON results")
     parser.add_argument("--no-docs", action="store_true", help="do not regenerate docs/benchmarks.md")
+    parser.add_argument("--rounds", type=int, help="step_overhead: repetitions per configuration")
+    parser.add_argument("--cifar-ks", type=int, nargs="+", help="step_overhead: K values for the 35.7M model")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     suffix = f"_{device.type}" if device.type != "cpu" else ""
     for item in args.only:
         module = importlib.import_module(f".{item}", __package__)
-        payload = module.run(device, args.smoke)
+        extra = {"rounds": args.rounds, "cifar_ks": args.cifar_ks} if item == "step_overhead" else {}
+        payload = module.run(device, args.smoke, **extra)
         path = write_result(item + suffix, {"device": str(device), "smoke": args.smoke, **payload}, args.out)
         print(f"wrote {path}")
     if not (args.smoke or args.no_docs):

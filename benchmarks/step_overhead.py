@@ -60,14 +60,17 @@ def measure(preset: str, inner_steps: int, device: torch.device, rounds: int) ->
     }
 
 
-def run(device: torch.device, smoke: bool) -> dict:
+def run(
+    device: torch.device, smoke: bool, rounds: int | None = None, cifar_ks: list[int] | None = None
+) -> dict:
+    """``rounds`` overrides the repetitions; ``cifar_ks`` restricts K for the 35.7M model (CPU time)."""
     presets = ["tiny"] if smoke else ["digits", "cifar10"]
     ks = [0, 1] if smoke else [0, 1, 2, 5]
     rows = []
     for preset in presets:
-        rounds = 3 if smoke else (15 if preset == "digits" else 5)
-        for k in ks:
-            row = measure(preset, k, device, rounds)
+        n_rounds = rounds or (3 if smoke else (15 if preset == "digits" else 5))
+        for k in cifar_ks if (preset == "cifar10" and cifar_ks) else ks:
+            row = measure(preset, k, device, n_rounds)
             print(
                 f"step_overhead  {preset:8s} K={k}  step/(closures+base) = {row['ratio']:.3f}  "
                 f"step/closures = {row['ratio_vs_closures_only']:.3f}"

@@ -320,7 +320,9 @@ _register_sd(command, unlearn_target, _add_common)  # `unlearn sd` and `sd {gene
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="constrained-opt", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="constrained-opt", description="EraseDiff unlearning for diffusion models (docs/ddpm.md)"
+    )
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}", parser_class=_Parser
     )

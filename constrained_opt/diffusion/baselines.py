@@ -126,9 +126,13 @@ def check_forget_target(kind: str) -> None:
         raise UsageError(f"unknown forget target {kind!r}; expected one of {FORGET_TARGETS}")
 
 
+KKT_RULES = ("grad_norm", "value", "cosine")  # the rules whose only hyperparameter is η
+
+
 @dataclass
 class BilevelHyper(Hyper):
     forget_target: str = "rl"
+    rule: str = "grad_norm"
     eta: float = 1.0
     inner_steps: int = 1
     inner_lr: float = 1e-4
@@ -136,6 +140,8 @@ class BilevelHyper(Hyper):
     def __post_init__(self):
         super().__post_init__()
         check_forget_target(self.forget_target)
+        if self.rule not in KKT_RULES:
+            raise UsageError(f"unknown EraseDiff rule {self.rule!r}; expected one of {', '.join(KKT_RULES)}")
 
 
 class EraseDiff(Method):
@@ -150,7 +156,7 @@ class EraseDiff(Method):
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         return dict(
-            rule="grad_norm", eta=self.hp.eta, inner_steps=self.hp.inner_steps, inner_lr=self.hp.inner_lr
+            rule=self.hp.rule, eta=self.hp.eta, inner_steps=self.hp.inner_steps, inner_lr=self.hp.inner_lr
         )
 
     def build_optimizer(self):
