@@ -1,7 +1,8 @@
 """Item 3: peak memory of an EraseDiff step minus that of a plain base-optimizer step.
 
-Each configuration runs in a fresh subprocess (``python -m benchmarks.memory MODE ...``), so the peak
-belongs to that configuration alone: peak RSS (``ru_maxrss``) on CPU, ``torch.cuda.max_memory_allocated``
+Each configuration runs in a fresh subprocess (``python -m benchmarks.memory MODE ...``), so the
+peak belongs to that configuration alone: peak RSS on CPU (``VmHWM`` of /proc/self/status;
+``ru_maxrss`` is inherited from the parent across fork and exec), ``torch.cuda.max_memory_allocated``
 on GPU. Two steps are taken so the base optimizer's state exists in both. The difference is reported
 in units of the trained parameters' bytes; the design bound is 2 (one extra gradient row and, for
 K ≥ 1, the θ snapshot).
@@ -10,13 +11,20 @@ K ≥ 1, the θ snapshot).
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 
 import torch
 
 BATCH = {"tiny": 2, "digits": 64, "cifar10": 2}
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: the CPU memory benchmark needs Linux")
 
 
 def worker(mode: str, preset: str, inner_steps: int, device_name: str) -> dict:
@@ -45,10 +53,7 @@ def worker(mode: str, preset: str, inner_steps: int, device_name: str) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(2):
         step()
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss()
     param_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
     return {"peak_bytes": peak, "param_bytes": param_bytes}
 

@@ -3,7 +3,7 @@
 For each (device, dtype, sharding) the optimizer owns one contiguous ``(2, n)`` tensor: row 0 holds
 ∇g = ∇L_f(θ), row 1 holds ∇L_r (and, before that, serves as scratch for the inner steps k ≥ 1). Each
 parameter's ``.grad`` is set to a view into a row, so autograd accumulates straight into the buffer:
-there is no gather copy, the Gram matrix is one GEMM per buffer, and δ is one in-place axpy. The θ
+there is no gather copy, the Gram matrix is three BLAS dots per buffer, and δ is one in-place axpy. The θ
 snapshot for the inner loop is one more flat tensor of n elements.
 
 Sharded parameters (``DTensor``, e.g. from FSDP2's ``fully_shard``) are stored by their local shard:

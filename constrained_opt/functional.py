@@ -36,21 +36,29 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def gram_rows(rows: Tensor) -> Tensor:
-    """Return ``rows @ rows.T`` for a ``(2, n)`` tensor in one pass over memory.
+def _dots(f: Tensor, r: Tensor) -> Tensor:
+    """[[f·f, f·r], [f·r, r·r]] from three BLAS dots."""
+    gr = f @ r
+    return torch.stack([f @ f, gr, gr, r @ r]).view(2, 2)
 
-    One GEMM reads each row once and yields all three products [[gg, gr], [gr, rr]]. Half precision
-    is promoted to fp32 chunk by chunk, so the accumulation is fp32 without a full-size fp32 copy.
+
+def gram_rows(rows: Tensor) -> Tensor:
+    """Return ``rows @ rows.T`` = [[gg, gr], [gr, rr]] for a ``(2, n)`` tensor.
+
+    Three dot products rather than one (2, n)·(n, 2) GEMM: on CPU the GEMM was measured 2.8× slower
+    at 35.7M parameters (BLAS packs the panels), while the dots run at about memcpy speed
+    (docs/benchmarks.md). Half precision is promoted to fp32 chunk by chunk, so the accumulation is
+    fp32 without a full-size fp32 copy.
     """
     if rows.dim() != 2 or rows.shape[0] != 2:
         raise ValueError(f"gram_rows expects a (2, n) tensor, got shape {tuple(rows.shape)}")
     acc = accumulation_dtype(rows.dtype)
     if rows.dtype not in _HALF:
-        return (rows @ rows.T).to(acc)
+        return _dots(rows[0], rows[1]).to(acc)
     out = torch.zeros(2, 2, dtype=acc, device=rows.device)
     for start in range(0, rows.shape[1], _HALF_CHUNK):
         chunk = rows[:, start : start + _HALF_CHUNK].to(acc)
-        out.addmm_(chunk, chunk.T)
+        out += _dots(chunk[0], chunk[1])
     return out
 
 
