@@ -21,13 +21,7 @@ from constrained_opt.diffusion.sd.loading import SD14_UNET_CONFIG
 FAST = "--num-forget 4 --num-retain 4 --resolution 16 --gen-steps 2 --grid-steps 2 --batch-size 2 --quiet"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models run fastest on one intra-op thread (and do not spin on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = sd_tiny.one_thread  # autouse: the tiny models run fastest on one intra-op thread
 
 
 @pytest.fixture(scope="module")

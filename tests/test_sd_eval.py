@@ -24,13 +24,7 @@ def cli(*words) -> int:
         return e.code
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models run fastest on one intra-op thread (and do not spin on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = sd_tiny.one_thread  # autouse: the tiny models run fastest on one intra-op thread
 
 
 @pytest.fixture(scope="module")
