@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
 import torch
 
@@ -33,7 +34,9 @@ def main(argv: list[str] | None = None) -> None:
         module = importlib.import_module(f".{item}", __package__)
         extra = {"rounds": args.rounds, "cifar_ks": args.cifar_ks} if item == "step_overhead" else {}
         payload = module.run(device, args.smoke, **extra)
-        path = write_result(item + suffix, {"device": str(device), "smoke": args.smoke, **payload}, args.out)
+        command = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
+        meta = {"device": str(device), "smoke": args.smoke, "command": command}
+        path = write_result(item + suffix, {**meta, **payload}, args.out)
         print(f"wrote {path}")
     if not (args.smoke or args.no_docs):
         from .report import write_docs

@@ -20,7 +20,8 @@ def _load(results: str, name: str) -> dict | None:
 def _machine(res: dict) -> str:
     m = res["machine"]
     where = m.get("gpu") or f"{m['cpu_count']}-core CPU ({m['cpu']}), {m['torch_threads']} torch threads"
-    return f"*{where}; torch {m['torch']}; {m['date']}; `{COMMAND} --only {{item}}`*"
+    command = res.get("command", f"{COMMAND} --only {{item}}")
+    return f"*{where}; torch {m['torch']}; {m['date']}; `{command}`*"
 
 
 def _save(fig, name: str) -> str:
@@ -148,10 +149,16 @@ def write_docs(results: str, docs_dir: str = DOCS, include_smoke: bool = False) 
         "",
     ]
     for item, section in SECTIONS.items():
+        found = False
         for suffix in ("", "_cuda"):
             res = _load(results, item + suffix)
             if res is not None and (include_smoke or not res.get("smoke")):
                 lines += section(res, suffix)
+                found = True
+        if not found:
+            lines += [f"## {item}", "", f"Not measured yet: run `{COMMAND} --only {item}`.", ""]
+            if item == "unlearning":
+                lines += ["The demo's table, with each method's time and peak memory, is in results.md.", ""]
     path = os.path.join(docs_dir, "benchmarks.md")
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
