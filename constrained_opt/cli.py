@@ -1,4 +1,4 @@
-"""``constrained-opt`` command line: ``demo``, ``train-base``, ``unlearn ddpm``, ``evaluate``.
+"""``constrained-opt``: ``demo``, ``train-base``, ``unlearn {ddpm,sd}``, ``evaluate`` and ``sd ...``.
 
 Subcommands live in registries so other modules add theirs without touching the others:
 ``@command(name, help)`` for a top-level subcommand and ``@unlearn_target(name, help)`` for
