@@ -67,7 +67,9 @@ def test_matches_independent_qp_solver(problem):
     delta, _ = kkt_direction(r, f, a)
     objective = 0.5 * float(((r - delta) ** 2).sum())
     assert objective <= res.fun + 1e-6 * (1 + abs(res.fun))
-    np.testing.assert_allclose(delta.numpy(), res.x, atol=1e-4 * (1 + np.abs(res.x).max()))
+    # trust-constr is an interior-point method: it stops ~1e-4 inside an active boundary, hence the
+    # point tolerance; the objective comparison above is the sharp check.
+    np.testing.assert_allclose(delta.numpy(), res.x, atol=2e-3 * (1 + np.abs(res.x).max()))
 
 
 @settings(max_examples=200, deadline=None)
