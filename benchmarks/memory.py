@@ -4,13 +4,20 @@ Each configuration runs in a fresh subprocess (``python -m benchmarks.memory MOD
 peak belongs to that configuration alone: peak RSS on CPU (``VmHWM`` of /proc/self/status;
 ``ru_maxrss`` is inherited from the parent across fork and exec), ``torch.cuda.max_memory_allocated``
 on GPU. Two steps are taken so the base optimizer's state exists in both. The difference is reported
-in units of the trained parameters' bytes; the design bound is 2 (one extra gradient row and, for
-K ≥ 1, the θ snapshot).
+in units of the trained parameters' bytes. The design bound is 1 for K ≤ 1 (the second gradient row,
+which also holds the θ snapshot during the inner loop) and 2 for K ≥ 2 (plus autograd's gradient at
+φ^{k-1} while the inner loop runs).
+
+On CPU, glibc serves freed blocks again from its heap instead of returning them to the kernel, and
+moves its mmap threshold up as blocks are freed, so peak RSS would count allocator slack that depends
+on the order of allocations. The workers run with a fixed ``MALLOC_MMAP_THRESHOLD_``: every block of
+128 KiB or more is its own mapping, unmapped when freed, and peak RSS follows peak live bytes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -62,7 +69,8 @@ def measure(preset: str, inner_steps: int, device: torch.device) -> dict:
     peaks = {}
     for mode in ("adam", "erasediff"):
         cmd = [sys.executable, "-m", "benchmarks.memory", mode, preset, str(inner_steps), str(device)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
         peaks[mode] = json.loads(out.strip().splitlines()[-1])
     param_bytes = peaks["adam"]["param_bytes"]
     extra = (peaks["erasediff"]["peak_bytes"] - peaks["adam"]["peak_bytes"]) / param_bytes
@@ -77,13 +85,13 @@ def measure(preset: str, inner_steps: int, device: torch.device) -> dict:
 
 
 def run(device: torch.device, smoke: bool) -> dict:
-    configs = [("tiny", 1)] if smoke else [("cifar10", 0), ("cifar10", 2), ("digits", 2)]
+    configs = [("tiny", 1)] if smoke else [("cifar10", 0), ("cifar10", 1), ("cifar10", 2)]
     rows = []
     for preset, k in configs:
         row = measure(preset, k, device)
         print(f"memory  {preset:8s} K={k}  extra = {row['extra_in_param_bytes']:.2f} x param bytes")
         rows.append(row)
-    return {"target": "extra <= 2.1 x param bytes", "rows": rows}
+    return {"target": "extra <= 2.1 x param bytes (design: 1 for K <= 1, 2 for K >= 2)", "rows": rows}
 
 
 if __name__ == "__main__":

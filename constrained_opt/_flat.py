@@ -1,10 +1,13 @@
 """Flat, fused gradient storage for the bilevel optimizer.
 
 For each (device, dtype, sharding) the optimizer owns one contiguous ``(2, n)`` tensor: row 0 holds
-∇g = ∇L_f(θ), row 1 holds ∇L_r (and, before that, serves as scratch for the inner steps k ≥ 1). Each
-parameter's ``.grad`` is set to a view into a row, so autograd accumulates straight into the buffer:
-there is no gather copy, the Gram matrix is three BLAS dots per buffer, and δ is one in-place axpy. The θ
-snapshot for the inner loop is one more flat tensor of n elements.
+∇g = ∇L_f(θ), row 1 holds ∇L_r. Each parameter's ``.grad`` is set to a view into a row, so autograd
+accumulates straight into the buffer: there is no gather copy, the Gram matrix is three BLAS dots per
+buffer, and δ is one in-place axpy.
+
+Row 1 is free until the retain pass, so during the inner loop it holds the θ snapshot: the inner
+loop costs no memory beyond the two rows when K = 1. Inner gradients at φ^k, k ≥ 2, are left to
+autograd (fresh ``.grad`` tensors, freed after each descent), like any training step's gradients.
 
 Sharded parameters (``DTensor``, e.g. from FSDP2's ``fully_shard``) are stored by their local shard:
 the buffer holds this rank's n elements, ``.grad`` is a ``DTensor`` wrapping the view, and the Gram of
@@ -18,7 +21,7 @@ torch.nn.utils.parameters_to_vector copies, so the layout is written here.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +29,7 @@ from torch import Tensor
 
 CONSTRAINT_ROW = 0
 RETAIN_ROW = 1
+SNAPSHOT_ROW = RETAIN_ROW  # θ during the inner loop, before the retain pass overwrites it
 
 
 def _dtensor_type() -> type | None:
@@ -85,9 +89,9 @@ class GroupSlice:
     group: int
     start: int
     end: int
+    params: list[Tensor]
     tensors: list[Tensor]
     views: tuple[list[Tensor], list[Tensor]]
-    snapshot_views: list[Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -107,10 +111,13 @@ class Bucket:
     grads: tuple[list[Tensor], list[Tensor]]
     groups: list[GroupSlice]
     shard_groups: list[Any]
-    snapshot: Tensor | None = None
 
-    def attach(self, row: int) -> None:
-        """Zero ``row`` and make every ``p.grad`` a view into it."""
+    def attach(self, row: int | None) -> None:
+        """Zero ``row`` and make every ``p.grad`` a view into it; ``None``: set every ``p.grad`` to
+        None, so autograd allocates fresh gradients."""
+        if row is None:
+            self.detach_grads()
+            return
         self.rows[row].zero_()
         for p, g in zip(self.params, self.grads[row], strict=True):
             p.grad = g
@@ -129,27 +136,36 @@ class Bucket:
         for p in self.params:
             p.grad = None
 
+    def fresh_grads(self) -> list[Tensor]:
+        """The local data of the gradients autograd allocated (parameters it did not reach have none)."""
+        return [local_tensor(p.grad) for p in self.params if p.grad is not None]
+
     def save_theta(self) -> None:
-        if self.snapshot is None:
-            self.snapshot = torch.empty(self.rows.shape[1], dtype=self.dtype, device=self.device)
-            for gs in self.groups:
-                gs.snapshot_views = [
-                    _view(self.snapshot, t, off)
-                    for t, off in zip(gs.tensors, _offsets(gs.tensors, gs.start), strict=True)
-                ]
+        """Copy θ into the snapshot row."""
         for gs in self.groups:
-            torch._foreach_copy_(gs.snapshot_views, gs.tensors)
+            torch._foreach_copy_(gs.views[SNAPSHOT_ROW], gs.tensors)
 
     def restore_theta(self) -> None:
         for gs in self.groups:
-            torch._foreach_copy_(gs.tensors, gs.snapshot_views)
+            torch._foreach_copy_(gs.tensors, gs.views[SNAPSHOT_ROW])
 
-    def descend(self, row: int, inner_lrs: list[float]) -> None:
-        """φ ← φ − ξ_group · grad for each param group (plain gradient descent, no optimizer state)."""
+    def descend(self, row: int | None, inner_lrs: list[float]) -> None:
+        """φ ← φ − ξ_group · grad for each param group (plain gradient descent, no optimizer state),
+        with the gradient in ``row`` or, for ``None``, in autograd's fresh ``.grad`` tensors."""
         for gs in self.groups:
             lr = inner_lrs[gs.group]
-            if lr != 0.0:
+            if lr == 0.0:
+                continue
+            if row is not None:
                 torch._foreach_add_(gs.tensors, gs.views[row], alpha=-lr)
+                continue
+            pairs = [
+                (t, local_tensor(p.grad))
+                for p, t in zip(gs.params, gs.tensors, strict=True)
+                if p.grad is not None
+            ]
+            if pairs:
+                torch._foreach_add_([t for t, _ in pairs], [g for _, g in pairs], alpha=-lr)
 
 
 def _offsets(tensors: list[Tensor], start: int) -> list[int]:
@@ -212,7 +228,9 @@ class FlatLayout:
             while j < len(entries) and entries[j][0] == gi:
                 j += 1
             end = offsets[j] if j < len(entries) else n
-            groups.append(GroupSlice(gi, offsets[i], end, tensors[i:j], (views[0][i:j], views[1][i:j])))
+            groups.append(
+                GroupSlice(gi, offsets[i], end, params[i:j], tensors[i:j], (views[0][i:j], views[1][i:j]))
+            )
             i = j
         return Bucket(device, dtype, rows, params, views, grads, groups, shard_groups)
 

@@ -252,13 +252,15 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
                         b.save_theta()
                 theta_moved = True
                 for k in range(1, self.inner_steps + 1):
-                    row = CONSTRAINT_ROW if k == 1 else RETAIN_ROW
+                    row = CONSTRAINT_ROW if k == 1 else None
                     with torch.no_grad():
                         for b in layout.buckets:
                             b.descend(row, inner_lrs)
+                            if row is None:
+                                b.detach_grads()  # free φ^{k-1}'s gradient before the next pass
                     if k < self.inner_steps:
                         losses.append(
-                            self._backward(layout, RETAIN_ROW, forget_closure, "forget_closure", k, amp, True)
+                            self._backward(layout, None, forget_closure, "forget_closure", k, amp, True)
                         )
                 with torch.no_grad():
                     losses.append(self._evaluate(forget_closure, self.inner_steps))
@@ -361,16 +363,16 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
     def _backward(
         self,
         layout: FlatLayout,
-        row: int,
+        row: int | None,
         closure: Closure,
         name: str,
         k: int | None,
         amp: _LossScaling | None,
         unscale: bool,
     ) -> Tensor:
-        """Zero ``row``, run the closure, differentiate it (times the loss scale) into ``row``;
-        returns the detached loss. ``unscale``: divide the row by the scale now (the inner descent
-        reads it) and record whether it overflowed."""
+        """Zero ``row``, run the closure, differentiate it (times the loss scale) into ``row`` (for
+        ``None``: into fresh ``.grad`` tensors); returns the detached loss. ``unscale``: divide the
+        gradient by the scale now (the inner descent reads it) and record whether it overflowed."""
         where = "at θ" if not k else f"at inner step φ^{k}"
         for b in layout.buckets:
             b.attach(row)
@@ -389,8 +391,9 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
             )
         target = loss if amp is None else amp.scaled(loss)
         torch.autograd.backward(target, inputs=None if layout.sharded else layout.params)
-        for b in layout.buckets:
-            b.adopt(row)
+        if row is not None:
+            for b in layout.buckets:
+                b.adopt(row)
         if amp is not None and unscale:
             overflow = amp.unscale(layout, row)
             if k:
@@ -574,12 +577,16 @@ class _LossScaling:
     def scaled(self, loss: Tensor) -> Tensor:
         return loss * self.scale.to(loss.device)
 
-    def unscale(self, layout: FlatLayout, row: int) -> Tensor:
-        """Divide ``row`` by s in place; returns 1.0 if it held an inf/NaN, else 0.0."""
+    def unscale(self, layout: FlatLayout, row: int | None) -> Tensor:
+        """Divide ``row`` (``None``: the fresh ``.grad`` tensors) by s in place; returns 1.0 if it
+        held an inf/NaN, else 0.0."""
         found = torch.zeros((), dtype=torch.float32, device=self.scale.device)
         for b in layout.buckets:
+            grads = [b.rows[row]] if row is not None else b.fresh_grads()
+            if not grads:
+                continue
             local = torch.zeros((), dtype=torch.float32, device=b.rows.device)
-            torch._amp_foreach_non_finite_check_and_unscale_([b.rows[row]], local, self.inv.to(b.rows.device))
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, local, self.inv.to(b.rows.device))
             found = found + local.to(found.device)
         return found
 

@@ -361,6 +361,57 @@ def test_channels_last_parameters_keep_their_layout(recwarn):
     assert not [w for w in recwarn if "layout contract" in str(w.message)]
 
 
+def _tensors_in(obj, seen=None):
+    """Every tensor reachable from ``obj`` through attributes, lists, tuples and dicts."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, list | tuple | set | frozenset):
+        children = list(obj)
+    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("constrained_opt"):
+        children = list(vars(obj).values())
+    else:
+        return []
+    return [t for c in children for t in _tensors_in(c, seen)]
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_the_step_holds_no_memory_beyond_the_two_gradient_rows(K):
+    """θ's snapshot lives in the retain row, and inner gradients at φ^k (k ≥ 2) are autograd's own,
+    freed before the next pass: every tensor the optimizer owns is a view of the (2, n) rows."""
+    model, problem = Net(), Problem()
+    opt = ValueFunctionBilevelOptimizer(
+        model.parameters(), torch.optim.SGD, lr=0.1, inner_steps=K, inner_lr=0.1
+    )
+    retain, forget = problem.closures(model)
+    grads_seen = []
+
+    def watched_forget():
+        grads_seen.append([p.grad for p in model.parameters()])
+        return forget()
+
+    opt.step(retain, watched_forget)
+    (bucket,) = opt._layout.buckets
+    n = sum(p.numel() for p in model.parameters())
+    assert bucket.rows.shape == (2, n)
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    owned = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in _tensors_in(opt._layout)
+        if t.untyped_storage().data_ptr() not in param_storages
+    }
+    assert owned == {bucket.rows.untyped_storage().data_ptr(): 2 * n * 8}
+    assert len(grads_seen) == K + 1
+    rows_storage = bucket.rows.untyped_storage().data_ptr()
+    for grads in grads_seen[1:]:  # at φ^1 … φ^K no gradient lives outside the rows
+        assert all(g is None or g.untyped_storage().data_ptr() == rows_storage for g in grads)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_low_precision_parameters(dtype):
     torch.manual_seed(9)
