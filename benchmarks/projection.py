@@ -1,7 +1,8 @@
 """Item 2: the projection (Gram, λ, δ) on our flat buffers against the alternatives.
 
 * ``flat``: the optimizer's path — ``functional.gram_rows`` of the (2, n) buffer for ‖∇g‖², ‖∇L_r‖²,
-  ∇g·∇L_r (one cache-blocked pass on CPU), the grad_norm rule, one in-place ``addcmul_``. No gather: ``p.grad`` already are views of the buffer.
+  ∇g·∇L_r (one cache-blocked pass over large CPU buffers), the grad_norm rule, one in-place
+  ``addcmul_``. No gather: ``p.grad`` already are views of the buffer.
 * ``per_param``: a Python loop over parameters (three dots and an axpy per tensor).
 * ``torch_cat``: the authors' code — ``torch.cat`` the per-parameter gradients each step, project on
   the flat copies, copy δ back into each ``p.grad``.

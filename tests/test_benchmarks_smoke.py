@@ -39,3 +39,20 @@ def test_smoke_run_writes_results_and_docs(tmp_path):
     text = docs.read_text()
     assert "## 1. step_overhead" in text and "## 2. projection" in text and "## 3. memory" in text
     assert (tmp_path / "docs" / "img" / "projection.png").stat().st_size > 0
+
+
+def test_unlearning_smoke_reports_time_to_forget(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks", "--only", "unlearning", "--smoke", "--out", str(tmp_path)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    res = json.loads((tmp_path / "unlearning.json").read_text())
+    assert set(res["table"]) == {"base", "erasediff", "moo"} and res["table"]["erasediff"]["time_s"] > 0
+    run = res["time_to_forget"]["runs"]["erasediff"]
+    assert [p["step"] for p in run["probes"]] == [2, 4]
+    assert all(0 <= p["p_forget"] <= 1 and p["time_s"] <= run["time_s"] for p in run["probes"])
+    assert run["reached"] is None or run["reached"]["p_forget"] <= res["time_to_forget"]["threshold"]
+
+    from benchmarks.report import write_docs
+
+    text = Path(write_docs(str(tmp_path), docs_dir=str(tmp_path / "docs"), include_smoke=True)).read_text()
+    assert "Time to forget" in text and "| erasediff | 4 |" in text
+    assert (tmp_path / "docs" / "img" / "time_to_forget.png").stat().st_size > 0

@@ -297,3 +297,28 @@ def test_interrupted_unlearning_resumes_to_the_same_model(tmp_path, digits, tiny
         torch.testing.assert_close(resumed.unet.state_dict()[k], v, rtol=0, atol=0)
     with pytest.raises(UsageError, match="for method erasediff"):
         baselines.unlearn("moo", tiny_unet, retain, forget, 0, checkpoint=ckpt, resume=True, **kwargs)
+
+
+def test_probes_record_progress_without_changing_the_run(digits, tiny_unet):
+    retain, forget = split_forget(digits, 0)
+    kwargs = dict(steps=6, batch_size=8, lr=1e-3, seed=0, progress=False)
+    plain = baselines.unlearn("erasediff", tiny_unet, retain, forget, 0, **kwargs)
+    seen = []
+
+    def probe(unet):
+        seen.append(unet.training)
+        images = sample(unet, torch.tensor([0, 1]), num_steps=2, progress=False)
+        return {"mean": float(images.mean())}
+
+    probed = baselines.unlearn(
+        "erasediff", tiny_unet, retain, forget, 0, probe=probe, probe_every=2, **kwargs
+    )
+    assert [p["step"] for p in probed.probes] == [2, 4, 6]
+    times = [p["time_s"] for p in probed.probes]
+    assert times == sorted(times) and 0 < times[-1] <= probed.time_s
+    assert all(isinstance(p["mean"], float) for p in probed.probes)
+    assert seen == [True, True, True] and probed.unet.training is False
+    for k, v in plain.unet.state_dict().items():
+        torch.testing.assert_close(probed.unet.state_dict()[k], v, rtol=0, atol=0)
+    with pytest.raises(UsageError, match="probe_every"):
+        baselines.unlearn("erasediff", tiny_unet, retain, forget, 0, probe=probe, **kwargs)

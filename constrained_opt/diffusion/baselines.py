@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -363,6 +364,7 @@ class UnlearnResult:
     time_s: float
     prep_s: float
     peak_mem_mb: float
+    probes: list[dict[str, float]] = field(default_factory=list)
 
 
 def unlearn(
@@ -381,13 +383,23 @@ def unlearn(
     checkpoint_every: int = 50,
     resume: bool = False,
     progress: bool = True,
+    probe: Callable[[Any], dict[str, float]] | None = None,
+    probe_every: int = 0,
 ) -> UnlearnResult:
     """Scrub ``forget_class`` from a copy of ``unet`` with ``method``; the input model is not modified.
 
     With ``checkpoint``, the model, method state (optimizer, mask, Fisher, ...), samplers, RNG states
     and history are saved there every ``checkpoint_every`` steps; after a Ctrl-C, ``resume=True``
     continues from that file (bit-for-bit the same run as an uninterrupted one).
+
+    With ``probe``, ``probe(unet)`` is called after every ``probe_every`` steps and its figures are
+    recorded in ``UnlearnResult.probes`` with the step and the unlearning time so far; the probe's own
+    time is not counted, and it must not draw from the global RNG (``sampling.sample`` does not).
     """
+    if probe is not None and probe_every < 1:
+        raise UsageError(
+            f"probe_every must be a positive number of steps when a probe is given, got {probe_every}"
+        )
     from tqdm.auto import tqdm
 
     unet = copy.deepcopy(unet).train()
@@ -398,7 +410,7 @@ def unlearn(
         "retain": BatchSampler(retain, batch_size, seed),
         "forget": BatchSampler(forget, batch_size, seed + 1),
     }
-    start, history, elapsed, prep_s, peak = 0, [], 0.0, 0.0, 0.0
+    start, history, probes, elapsed, prep_s, peak = 0, [], [], 0.0, 0.0, 0.0
 
     def save(step: int) -> None:
         save_state(
@@ -407,6 +419,7 @@ def unlearn(
                 "method": method,
                 "step": step,
                 "history": history,
+                "probes": probes,
                 "elapsed": elapsed,
                 "prep_s": prep_s,
                 "peak_mem_mb": max(peak, meter.peak_mb),
@@ -431,6 +444,7 @@ def unlearn(
             generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
             start, history, elapsed = state["step"], state["history"], state["elapsed"]
+            probes = state.get("probes", [])
             prep_s, peak = state["prep_s"], state["peak_mem_mb"]
         else:
             t0 = time.perf_counter()
@@ -440,6 +454,8 @@ def unlearn(
             t0 = time.perf_counter()
             history.append(m.step(samplers["retain"].next(), samplers["forget"].next()))
             elapsed += time.perf_counter() - t0
+            if probe is not None and (step + 1) % probe_every == 0:
+                probes.append({"step": step + 1, "time_s": elapsed, **probe(unet)})
             if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                 save(step + 1)
-    return UnlearnResult(unet.eval(), history, elapsed, prep_s, max(peak, meter.peak_mb))
+    return UnlearnResult(unet.eval(), history, elapsed, prep_s, max(peak, meter.peak_mb), probes)
