@@ -15,12 +15,15 @@ import torch
 
 from .common import RESULTS, write_result
 
-ITEMS = ("step_overhead", "projection", "memory", "unlearning")
+ITEMS = ("step_overhead", "projection", "memory", "unlearning", "sa_budget")
+DEFAULT = ITEMS[:4]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=ITEMS, default=list(ITEMS))
+    parser.add_argument(
+        "--only", nargs="+", choices=ITEMS, default=list(DEFAULT), help="default: all but sa_budget (~1 h)"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; no docs update")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=RESULTS, help="folder for the JSON results")

@@ -21,10 +21,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict:
-    """Median wall time of each function, measured round-robin so that machine noise hits all alike."""
+def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict:
+    """Wall times of each function over ``rounds``, measured round-robin so that machine noise hits
+    all alike (after one warm-up call each: allocations, lazy init, autotuning)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():  # warm-up: allocations, lazy init, autotuning
+    for fn in fns.values():
         fn()
     for _ in range(rounds):
         for name, fn in fns.items():
@@ -33,7 +34,12 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, devic
             fn()
             synchronize(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict:
+    """Median wall time of each function (see :func:`interleaved_times`)."""
+    return {name: statistics.median(ts) for name, ts in interleaved_times(fns, rounds, device).items()}
 
 
 def denoiser_problem(preset: str, batch: int, device: torch.device, seed: int = 0):

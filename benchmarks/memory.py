@@ -80,7 +80,9 @@ def measure(preset: str, inner_steps: int, device: torch.device) -> dict:
         "param_bytes": param_bytes,
         "peak_bytes": {m: p["peak_bytes"] for m, p in peaks.items()},
         "extra_in_param_bytes": extra,
-        "method": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS, fresh process",
+        "method": "cuda max_memory_allocated"
+        if device.type == "cuda"
+        else "peak RSS of a fresh process, glibc mmap threshold fixed",
     }
 
 

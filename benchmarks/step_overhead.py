@@ -8,11 +8,13 @@ what EraseDiff's orchestration and projection cost on top of work any training l
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 from constrained_opt import ValueFunctionBilevelOptimizer
 
-from .common import denoiser_problem, interleaved_medians
+from .common import denoiser_problem, interleaved_times
 
 BATCH = {"tiny": 4, "digits": 64, "cifar10": 4}
 
@@ -40,7 +42,7 @@ def measure(preset: str, inner_steps: int, device: torch.device, rounds: int) ->
         opt.base_optimizer.step()
         unet.zero_grad(set_to_none=True)
 
-    medians = interleaved_medians(
+    times = interleaved_times(
         {
             "opt_step": lambda: opt.step(retain, forget),
             "closures": closures_only,
@@ -49,6 +51,8 @@ def measure(preset: str, inner_steps: int, device: torch.device, rounds: int) ->
         rounds,
         device,
     )
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    fastest = {name: min(ts) for name, ts in times.items()}
     return {
         "model": preset,
         "params": sum(p.numel() for p in unet.parameters()),
@@ -57,6 +61,8 @@ def measure(preset: str, inner_steps: int, device: torch.device, rounds: int) ->
         "seconds": medians,
         "ratio": medians["opt_step"] / medians["closures_plus_base_step"],
         "ratio_vs_closures_only": medians["opt_step"] / medians["closures"],
+        "min_seconds": fastest,
+        "ratio_of_minima": fastest["opt_step"] / fastest["closures_plus_base_step"],
     }
 
 
@@ -72,8 +78,8 @@ def run(
         for k in cifar_ks if (preset == "cifar10" and cifar_ks) else ks:
             row = measure(preset, k, device, n_rounds)
             print(
-                f"step_overhead  {preset:8s} K={k}  step/(closures+base) = {row['ratio']:.3f}  "
-                f"step/closures = {row['ratio_vs_closures_only']:.3f}"
+                f"step_overhead  {preset:8s} K={k}  step/(closures+base) = {row['ratio']:.3f} "
+                f"(minima {row['ratio_of_minima']:.3f})  step/closures = {row['ratio_vs_closures_only']:.3f}"
             )
             rows.append(row)
     return {"target": "ratio <= 1.05", "rows": rows}

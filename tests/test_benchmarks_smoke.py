@@ -56,3 +56,17 @@ def test_unlearning_smoke_reports_time_to_forget(tmp_path):
     text = Path(write_docs(str(tmp_path), docs_dir=str(tmp_path / "docs"), include_smoke=True)).read_text()
     assert "Time to forget" in text and "| erasediff | 4 |" in text
     assert (tmp_path / "docs" / "img" / "time_to_forget.png").stat().st_size > 0
+
+
+def test_sa_budget_smoke_measures_both_methods_in_one_run(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks", "--only", "sa_budget", "--smoke", "--out", str(tmp_path)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    res = json.loads((tmp_path / "sa_budget.json").read_text())
+    runs = res["runs"]
+    assert set(runs) == {"erasediff", "sa"} and runs["sa"]["prep_s"] > 0
+    assert res["time_ratio_erasediff_over_sa"] == runs["erasediff"]["time_s"] / runs["sa"]["time_s"]
+
+    from benchmarks.report import write_docs
+
+    text = Path(write_docs(str(tmp_path), docs_dir=str(tmp_path / "docs"), include_smoke=True)).read_text()
+    assert "## 4b. Selective Amnesia at its published budget" in text and "| sa | 4 | 2 |" in text
