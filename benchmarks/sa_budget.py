@@ -37,10 +37,17 @@ def markdown(result: dict) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     ratio = result["time_ratio_erasediff_over_sa"]
+    end_ed, end_sa = runs["erasediff"]["probes"][-1], runs["sa"]["probes"][-1]
+    better = (
+        end_ed["p_forget"] <= end_sa["p_forget"]
+        and end_ed["remaining_accuracy"] >= end_sa["remaining_accuracy"]
+        and end_ed["fid"] <= end_sa["fid"]
+    )
     lines += [
         "",
         f"EraseDiff's time / SA's at the published budgets: {ratio:.3f} (target ≤ {TARGET}: "
-        f"{'met' if ratio <= TARGET else 'not met'}).",
+        f"{'met' if ratio <= TARGET else 'not met'}); EraseDiff's end point is "
+        f"{'equal or better on P, accuracy and FID' if better else 'not better on every metric'}.",
     ]
     return "\n".join(lines)
 

@@ -199,7 +199,7 @@ def _verdicts(part1: dict, part2: dict) -> list[str]:
             (end_ed[k] <= end_other[k]) if k != "remaining_accuracy" else (end_ed[k] >= end_other[k])
             for k in PROBED
         )
-        capped = " (capped at 1000 of its published 20k steps)" if other == "sa" else ""
+        capped = " (capped at 1000 of its published 20k steps; all 20k: item 4b)" if other == "sa" else ""
         hit_ed, hit_other = ed["reached"], run["reached"]
         reach = f"{hit_ed['time_s'] / hit_other['time_s']:.2f}" if hit_ed and hit_other else "not comparable"
         lines.append(
