@@ -67,9 +67,9 @@ def worker(mode: str, preset: str, inner_steps: int, device_name: str) -> dict:
 
 def measure(preset: str, inner_steps: int, device: torch.device) -> dict:
     peaks = {}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
     for mode in ("adam", "erasediff"):
         cmd = [sys.executable, "-m", "benchmarks.memory", mode, preset, str(inner_steps), str(device)]
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
         peaks[mode] = json.loads(out.strip().splitlines()[-1])
     param_bytes = peaks["adam"]["param_bytes"]

@@ -131,29 +131,25 @@ def _memory(res: dict, suffix: str) -> list[str]:
 
 
 def _unlearning(res: dict, suffix: str) -> list[str]:
+    import matplotlib.pyplot as plt
+
+    from .unlearning import markdown
+
     out = [f"## 4. unlearning{suffix}", "", _machine(res).format(item="unlearning"), ""]
-    ttf = res.get("time_to_forget")
-    if ttf:
-        from .unlearning import markdown
-
-        out += markdown(res).splitlines()
-    else:
-        out += res.get("markdown", "").splitlines()
-    if ttf:
-        import matplotlib.pyplot as plt
-
-        fig, (ax_p, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.2))
-        for name, run in ttf["runs"].items():
-            t = [0.0] + [p["time_s"] for p in run["probes"]]
-            ax_p.plot(t, [ttf["base"]["p_forget"]] + [p["p_forget"] for p in run["probes"]], label=name)
-            accs = [ttf["base"]["remaining_accuracy"]] + [p["remaining_accuracy"] for p in run["probes"]]
-            ax_acc.plot(t, accs, label=name)
-        ax_p.axhline(ttf["threshold"], color="gray", ls="--", lw=0.8)
-        ax_p.set(xlabel="unlearning time (s)", ylabel="P(y = c_f | x_f)", yscale="log")
-        ax_acc.set(xlabel="unlearning time (s)", ylabel="remaining accuracy")
-        ax_acc.legend(fontsize=8)
-        out += ["", f"![time to forget]({_save(fig, f'time_to_forget{suffix}.png')})"]
-        plt.close(fig)
+    out += markdown(res).splitlines()
+    ttf = res["time_to_forget"]
+    fig, (ax_p, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.2))
+    for name, run in ttf["runs"].items():
+        t = [0.0] + [p["time_s"] for p in run["probes"]]
+        ax_p.plot(t, [ttf["base"]["p_forget"]] + [p["p_forget"] for p in run["probes"]], label=name)
+        accs = [ttf["base"]["remaining_accuracy"]] + [p["remaining_accuracy"] for p in run["probes"]]
+        ax_acc.plot(t, accs, label=name)
+    ax_p.axhline(ttf["threshold"], color="gray", ls="--", lw=0.8)
+    ax_p.set(xlabel="unlearning time (s)", ylabel="P(y = c_f | x_f)", yscale="log")
+    ax_acc.set(xlabel="unlearning time (s)", ylabel="remaining accuracy")
+    ax_acc.legend(fontsize=8)
+    out += ["", f"![time to forget]({_save(fig, f'time_to_forget{suffix}.png')})"]
+    plt.close(fig)
     return [*out, ""]
 
 

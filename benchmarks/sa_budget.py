@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .unlearning import PROBED, time_to_forget
+from .unlearning import PROBED, end_point_at_least_as_good, time_to_forget
 
 RECIPES = {"erasediff": ("erasediff", {}, 300, 25), "sa": ("sa", {}, 20_000, 1000)}
 SMOKE = {"erasediff": ("erasediff", {}, 4, 2), "sa": ("sa", {"samples_per_class": 4}, 4, 2)}
@@ -37,12 +37,7 @@ def markdown(result: dict) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     ratio = result["time_ratio_erasediff_over_sa"]
-    end_ed, end_sa = runs["erasediff"]["probes"][-1], runs["sa"]["probes"][-1]
-    better = (
-        end_ed["p_forget"] <= end_sa["p_forget"]
-        and end_ed["remaining_accuracy"] >= end_sa["remaining_accuracy"]
-        and end_ed["fid"] <= end_sa["fid"]
-    )
+    better = end_point_at_least_as_good(runs["erasediff"]["probes"][-1], runs["sa"]["probes"][-1])
     lines += [
         "",
         f"EraseDiff's time / SA's at the published budgets: {ratio:.3f} (target ≤ {TARGET}: "

@@ -121,12 +121,19 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a is not None and b else "–"
 
 
+def end_point_at_least_as_good(ours: dict, theirs: dict) -> bool:
+    """Whether probe figures ``ours`` forget at least as well as ``theirs`` (P no higher) with at least
+    the same utility (remaining accuracy no lower, FID no higher)."""
+    return (
+        ours["p_forget"] <= theirs["p_forget"]
+        and ours["remaining_accuracy"] >= theirs["remaining_accuracy"]
+        and ours["fid"] <= theirs["fid"]
+    )
+
+
 def markdown(result: dict) -> str:
     """The item's section of docs/benchmarks.md from its result (``run``'s return value)."""
-    return _markdown(result, result["time_to_forget"])
-
-
-def _markdown(part1: dict, part2: dict) -> str:
+    part1, part2 = result, result["time_to_forget"]
     header = "| model | " + " | ".join(COLUMNS) + " |\n|---" + "|---" * len(COLUMNS) + "|"
     table, variants = part1["table"], part1["variants"]
     runs = part2["runs"]
@@ -194,11 +201,7 @@ def _verdicts(part1: dict, part2: dict) -> list[str]:
         run = runs[other]
         same = table["erasediff"]["time_s"] / table[other]["time_s"]
         budget = ed["time_s"] / run["time_s"]
-        end_ed, end_other = ed["probes"][-1], run["probes"][-1]
-        better = all(
-            (end_ed[k] <= end_other[k]) if k != "remaining_accuracy" else (end_ed[k] >= end_other[k])
-            for k in PROBED
-        )
+        better = end_point_at_least_as_good(ed["probes"][-1], run["probes"][-1])
         capped = " (capped at 1000 of its published 20k steps; all 20k: item 4b)" if other == "sa" else ""
         hit_ed, hit_other = ed["reached"], run["reached"]
         reach = f"{hit_ed['time_s'] / hit_other['time_s']:.2f}" if hit_ed and hit_other else "not comparable"
@@ -216,9 +219,4 @@ def run(device: torch.device, smoke: bool) -> dict:
     part2 = time_to_forget(device, smoke, {"erasediff": ("erasediff", {}, 4, 2)} if smoke else RECIPES)
     table = part1["table"]
     same_steps = {m: table["erasediff"]["time_s"] / table[m]["time_s"] for m in ("salun", "sa") if m in table}
-    return {
-        **part1,
-        "time_to_forget": part2,
-        "time_ratio_erasediff_over": same_steps,
-        "markdown": _markdown(part1, part2),
-    }
+    return {**part1, "time_to_forget": part2, "time_ratio_erasediff_over": same_steps}
