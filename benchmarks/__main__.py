@@ -15,8 +15,8 @@ import torch
 
 from .common import RESULTS, write_result
 
-ITEMS = ("step_overhead", "projection", "memory", "unlearning", "sa_budget")
-DEFAULT = ITEMS[:4]
+ITEMS = ("step_overhead", "projection", "memory", "unlearning", "sa_budget", "authors_step")
+DEFAULT = tuple(item for item in ITEMS if item != "sa_budget")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -70,3 +70,20 @@ def test_sa_budget_smoke_measures_both_methods_in_one_run(tmp_path):
 
     text = Path(write_docs(str(tmp_path), docs_dir=str(tmp_path / "docs"), include_smoke=True)).read_text()
     assert "## 4b. Selective Amnesia at its published budget" in text and "| sa | 4 | 2 |" in text
+
+
+def test_issue13_items_smoke(tmp_path):
+    """Issue 13's benchmark items in one run: the authors' step transcription computes our update."""
+    items = ["authors_step"]
+    cmd = [sys.executable, "-m", "benchmarks", "--only", *items, "--smoke", "--out", str(tmp_path)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    authors = json.loads((tmp_path / "authors_step.json").read_text())
+    for pair in authors["pairs"].values():
+        assert pair["relative_update_difference"] < 1e-4  # same math, fp32 rounding only
+        assert pair["time_median"] > 0 and math.isfinite(pair["time_fastest"])
+    assert authors["peak_bytes"]["authors_k1"] > 0 and authors["peak_bytes"]["ours_k1"] > 0
+
+    from benchmarks.report import write_docs
+
+    text = Path(write_docs(str(tmp_path), docs_dir=str(tmp_path / "docs"), include_smoke=True)).read_text()
+    assert "## 9. authors_step" in text and "| authors_k1 vs ours_k1 |" in text
