@@ -21,7 +21,6 @@ from .baselines import BASELINES, METHODS, UnlearnResult, parse_hparams, unlearn
 from .data import ImageData, check_class, load_data, split_forget
 from .errors import UsageError
 from .io import load_state, read_json, save_state, write_json, write_text
-from .metrics import evaluate_generated
 from .models import (
     SHIPPED_CLASSIFIER,
     SHIPPED_UNET,
@@ -34,6 +33,7 @@ from .models import (
     save_classifier,
     save_unet,
 )
+from .multiclass import check_classes, evaluate_classes, is_forgotten, split_forget_classes
 from .report import metrics_table, save_cosine_plot, save_sample_grid, write_report
 from .sampling import SAMPLERS, sample
 from .train import train_classifier, train_unet
@@ -210,7 +210,7 @@ def evaluate_unet(
     unet,
     classifier,
     data: ImageData,
-    forget_class: int,
+    forget_class: int | tuple[int, ...],
     es: EvalSettings,
     desc: str,
     inception: str | None = None,
@@ -218,8 +218,8 @@ def evaluate_unet(
 ) -> tuple[dict, Tensor, Tensor]:
     """(metrics, samples, labels) for one model; FID/PR against the real images of the remaining classes."""
     images, labels = generate(unet, data.num_classes, es, desc, progress)
-    real = data.images[data.labels != forget_class]
-    return evaluate_generated(classifier, images, labels, real, forget_class, inception), images, labels
+    real = data.images[~is_forgotten(data.labels, forget_class)]
+    return evaluate_classes(classifier, images, labels, real, forget_class, inception), images, labels
 
 
 def _file_digest(path: str) -> str:
@@ -236,10 +236,11 @@ def cache_dir(override: str | None = None) -> str:
 # ------------------------------------------------------------------------------------------- unlearn ddpm
 @dataclass
 class UnlearnJob:
-    """One ``unlearn ddpm`` run (also the unit of work inside ``demo``)."""
+    """One ``unlearn ddpm`` run (also the unit of work inside ``demo``); several forget classes are
+    forgotten together (:mod:`~constrained_opt.diffusion.multiclass`)."""
 
     method: str
-    forget_class: int
+    forget_class: int | tuple[int, ...]
     steps: int = 300
     batch_size: int = 64
     lr: float = 1e-4
@@ -304,9 +305,9 @@ def unlearn_ddpm(
     check_output_dir(out)
     dev = resolve_device(device)
     data = load_data(data_spec, image_size)
-    check_class(job.forget_class, data.num_classes)
+    check_classes(job.forget_class, data.num_classes)
     unet, clf, base_provenance = load_checked(data, checkpoint, classifier, dev)
-    retain, forget = split_forget(data, job.forget_class)
+    retain, forget = split_forget_classes(data, job.forget_class)
     state_path = os.path.join(out, "checkpoint.safetensors")
     os.makedirs(out, exist_ok=True)
     result = job.run(unet, retain, forget, state_path, resume, progress)

@@ -1,0 +1,156 @@
+"""Forgetting several classes in one run: the forget set as their union (one pooled constraint) or one
+constraint per class.
+
+With forget classes C = {c_1, ..., c_m} and D_f = ∪ D_{c_i}, the pooled problem is EraseDiff's own,
+
+    min_θ L_r(θ)  s.t.  L_f(θ; D_f) − min_φ L_f(φ; D_f) ≤ 0,
+
+and the per-class problem keeps one constraint per class,
+
+    min_θ L_r(θ)  s.t.  L_f(θ; D_{c_i}) − min_φ L_f(φ; D_{c_i}) ≤ 0,   i = 1..m,
+
+so a class whose loss already fell cannot hide another that has not (the pooled constraint only sees
+their mean). Forget batches are stratified: every batch holds ⌊B/m⌋ or ⌈B/m⌉ images of each class,
+so both problems see exactly the same images and the per-class one splits each batch by label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from .data import BatchSampler, ImageData, check_class
+from .errors import UsageError
+from .metrics import (
+    accuracy,
+    classifier_features,
+    classifier_probs,
+    evaluate_generated,
+    fid,
+    forget_scores,
+    inception_fid,
+    precision_recall,
+)
+
+ForgetClasses = int | tuple[int, ...]
+
+
+def parse_classes(spec: str) -> tuple[int, ...]:
+    """``"0"`` → (0,); ``"0,3"`` → (0, 3). Order kept; duplicates and non-integers are errors."""
+    parts = [p.strip() for p in str(spec).split(",")]
+    try:
+        classes = tuple(int(p) for p in parts)
+    except ValueError:
+        raise UsageError(
+            f"--forget-class expects integers separated by commas (e.g. 0,3), got {spec!r}"
+        ) from None
+    if len(set(classes)) != len(classes):
+        raise UsageError(f"--forget-class lists a class twice: {spec!r}")
+    return classes
+
+
+def as_classes(forget: ForgetClasses | Iterable[int]) -> tuple[int, ...]:
+    return (forget,) if isinstance(forget, int) else tuple(int(c) for c in forget)
+
+
+def check_classes(forget: ForgetClasses, num_classes: int) -> tuple[int, ...]:
+    """Each class in range, and at least one class left to retain."""
+    classes = as_classes(forget)
+    if not classes:
+        raise UsageError("no forget class given")
+    for c in classes:
+        check_class(c, num_classes)
+    if len(classes) >= num_classes:
+        raise UsageError(f"forgetting all {num_classes} classes leaves nothing to retain")
+    return classes
+
+
+def is_forgotten(labels: Tensor, forget: ForgetClasses) -> Tensor:
+    return torch.isin(labels, torch.tensor(as_classes(forget), dtype=labels.dtype, device=labels.device))
+
+
+def split_forget_classes(data: ImageData, forget: ForgetClasses) -> tuple[ImageData, ImageData]:
+    """(D_r, D_f) with D_f the union of the forget classes' images and D_r the rest."""
+    mask = is_forgotten(data.labels, check_classes(forget, data.num_classes))
+    return data.subset(~mask), data.subset(mask)
+
+
+class StratifiedSampler:
+    """Endless forget batches with a fixed share of every class: class i contributes ⌈B/m⌉ images for
+    i < B mod m and ⌊B/m⌋ otherwise, each from its own :class:`BatchSampler` (own seed and state)."""
+
+    def __init__(self, data: ImageData, classes: tuple[int, ...], batch_size: int, seed: int):
+        if batch_size < len(classes):
+            raise UsageError(
+                f"batch size {batch_size} is smaller than the number of forget classes ({len(classes)}): "
+                "each batch must hold every class"
+            )
+        base, extra = divmod(batch_size, len(classes))
+        self.classes = classes
+        self.samplers = [
+            BatchSampler(data.subset(data.labels == c), base + (i < extra), seed + 1000 * i)
+            for i, c in enumerate(classes)
+        ]
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        parts = [s.next() for s in self.samplers]
+        return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+    def state_dict(self) -> dict:
+        return {str(c): s.state_dict() for c, s in zip(self.classes, self.samplers, strict=True)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for c, s in zip(self.classes, self.samplers, strict=True):
+            s.load_state_dict(state[str(c)])
+
+
+def forget_sampler(forget: ImageData, classes: ForgetClasses, batch_size: int, seed: int):
+    """One class: today's :class:`BatchSampler` over D_f (bit-identical runs); several: stratified."""
+    classes = as_classes(classes)
+    if len(classes) == 1:
+        return BatchSampler(forget, batch_size, seed)
+    return StratifiedSampler(forget, classes, batch_size, seed)
+
+
+def evaluate_classes(
+    classifier,
+    samples: Tensor,
+    labels: Tensor,
+    real: Tensor,
+    forget: ForgetClasses,
+    inception_weights: str | None = None,
+) -> dict[str, float]:
+    """:func:`~constrained_opt.diffusion.metrics.evaluate_generated` for one or several forget classes.
+
+    Several: ``p_forget`` is the mean over all forget-class samples of P(y = own class | x), with one
+    ``p_forget_c<k>`` per class beside it; accuracy, FID and precision/recall cover the other classes.
+    """
+    classes = as_classes(forget)
+    if len(classes) == 1:
+        return evaluate_generated(classifier, samples, labels, real, classes[0], inception_weights)
+    probs = classifier_probs(classifier, samples)
+    mask = is_forgotten(labels, classes)
+    own = probs[mask].gather(1, labels[mask].unsqueeze(1)).squeeze(1)
+    _, entropy = forget_scores(probs[mask], classes[0])
+    generated = samples[~mask]
+    feature = classifier_features(classifier)
+    precision, recall = precision_recall(feature(real), feature(generated))
+    out = {
+        "p_forget": own.mean().item(),
+        **{f"p_forget_c{c}": probs[labels == c, c].mean().item() for c in classes},
+        "forget_entropy": entropy,
+        "remaining_accuracy": accuracy(probs[~mask], labels[~mask]),
+        "fid": fid(real, generated, feature),
+        "precision": precision,
+        "recall": recall,
+    }
+    if inception_weights:
+        out["fid_inception"] = inception_fid(real, generated, inception_weights)
+    return out
+
+
+def class_rows(labels: Tensor, classes: tuple[int, ...]) -> dict[str, Tensor]:
+    """``{"class_<c>": indices of the rows labelled c}``: the per-class constraints' share of a batch."""
+    return {f"class_{c}": (labels == c).nonzero().squeeze(1) for c in classes}
