@@ -15,7 +15,17 @@ import torch
 
 from .common import RESULTS, write_result
 
-ITEMS = ("step_overhead", "projection", "memory", "unlearning", "sa_budget", "authors_step")
+ITEMS = (
+    "step_overhead",
+    "projection",
+    "memory",
+    "unlearning",
+    "sa_budget",
+    "multi_constraint",
+    "torchjd_compare",
+    "cooper_compare",
+    "authors_step",
+)
 DEFAULT = tuple(item for item in ITEMS if item != "sa_budget")
 
 
