@@ -325,6 +325,13 @@ def _authors_step(res: dict, suffix: str) -> list[str]:
     return [*out, ""]
 
 
+def _ddpm_multiclass(res: dict, suffix: str) -> list[str]:
+    from .ddpm_multiclass import markdown
+
+    out = [f"## 10. ddpm_multiclass{suffix}", "", _machine(res).format(item="ddpm_multiclass"), ""]
+    return [*out, *markdown(res).splitlines(), ""]
+
+
 SECTIONS = {
     "step_overhead": _step_overhead,
     "projection": _projection,
@@ -335,6 +342,7 @@ SECTIONS = {
     "torchjd_compare": _torchjd_compare,
     "cooper_compare": _cooper_compare,
     "authors_step": _authors_step,
+    "ddpm_multiclass": _ddpm_multiclass,
 }
 
 

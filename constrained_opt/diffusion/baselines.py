@@ -176,6 +176,9 @@ class EraseDiff(Method):
         br, bf = self.diffuse(retain), self.diffuse(forget)
         target = forget_target(self.eps, bf, self.hp.forget_target, self.s.num_classes, self.s.generator)
         stats = self.optimizer.step(lambda: denoising_loss(self.eps, br), self.constraints(bf, target))
+        return self.record(stats)
+
+    def record(self, stats) -> dict[str, float]:
         return {k: v for k, v in stats.as_dict().items() if isinstance(v, float)}
 
     def constraints(self, bf, target):
@@ -197,6 +200,13 @@ class EraseDiffPerClass(EraseDiff):
         return {
             name: closure(rows) for name, rows in class_rows(bf.cond, as_classes(self.s.forget_class)).items()
         }
+
+    def record(self, stats):
+        """The pooled figures, plus each class's λ and forget loss (``lam_class_<c>``, ...)."""
+        out = super().record(stats)
+        for name, lam, loss in zip(stats.constraint_names, stats.lams, stats.forget_losses, strict=True):
+            out[f"lam_{name}"], out[f"forget_loss_{name}"] = lam, loss
+        return out
 
 
 @dataclass
