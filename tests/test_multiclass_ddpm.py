@@ -112,6 +112,19 @@ def test_unlearn_two_classes_pooled_writes_per_class_metrics(base, tmp_path):
     assert len(provenance) == 2
 
 
+def test_per_class_constraints_give_each_class_its_multiplier(base, tmp_path):
+    out = tmp_path / "per-class"
+    args = f"unlearn ddpm --method erasediff --forget-class 3,0 --per-class-constraints {base} --out {out}"
+    assert main([*args.split(), *FAST]) == 0
+    history = json.loads((out / "history.json").read_text())
+    for step in history:  # one λ and one forget loss per class, and the pooled λ their sum
+        assert {"lam_class_3", "lam_class_0", "forget_loss_class_3", "forget_loss_class_0"} <= step.keys()
+        assert min(step["lam_class_3"], step["lam_class_0"]) >= 0
+        assert step["lam"] == pytest.approx(step["lam_class_3"] + step["lam_class_0"], rel=1e-5, abs=1e-7)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"p_forget_c0", "p_forget_c3"} <= metrics["erasediff_per_class"].keys()
+
+
 def test_per_class_constraints_need_erasediff_and_two_classes(base, tmp_path, capsys):
     for method, classes in (("erasediff", "0"), ("finetune", "0,3")):
         args = f"unlearn ddpm --method {method} --forget-class {classes} --per-class-constraints {base}"
