@@ -2,7 +2,7 @@
 
 Problem (fairness with one constraint per group): predict whether a patient's diabetes progression
 after one year is above the median from scikit-learn's bundled diabetes data (442 patients, 50/50
-split, a 10-16-1 tanh MLP), with demographic parity for each age quartile k (quartiles of the
+split, logistic regression), with demographic parity for each age quartile k (quartiles of the
 training split): with p̄_k the mean predicted P(y = 1) of group k and p̄ that of everyone,
 
     min_θ BCE(θ)   s.t.   c_k(θ) = (p̄_k − p̄)² − ε² ≤ 0,   k = 1..4,   ε = 0.05.
@@ -59,7 +59,7 @@ class Split:
 
 def make_model(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 1))
+    return nn.Linear(10, 1)
 
 
 def bce(model, x, y, groups) -> torch.Tensor:
@@ -148,7 +148,7 @@ def summarise(runs: list[dict], passes: int) -> dict[str, float]:
     return out
 
 
-def first_feasible(run: dict, tol: float = 1e-3) -> int | None:
+def first_feasible(run: dict, tol: float = 2e-3) -> int | None:
     """Forward passes until the training violation first drops to ``tol`` and stays there."""
     curve = run["curve"]
     for i, point in enumerate(curve):
@@ -158,9 +158,9 @@ def first_feasible(run: dict, tol: float = 1e-3) -> int | None:
 
 
 def run(device: torch.device, smoke: bool) -> dict:
-    """CPU only: a 209-parameter model (the device flag is recorded, not used)."""
+    """CPU only: an 11-parameter model (the device flag is recorded, not used)."""
     splits = 1 if smoke else 5
-    steps = 10 if smoke else 600
+    steps = 10 if smoke else 300
     every = 5 if smoke else 10
     methods: dict[str, list[dict]] = {}
     for seed in range(splits):

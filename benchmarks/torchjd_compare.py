@@ -129,7 +129,7 @@ def peak_memory(m: int, device: torch.device, modes) -> dict:
 def run(device: torch.device, smoke: bool) -> dict:
     import torchjd
 
-    ms = [2] if smoke else [2, 4, 8]
+    ms = [3] if smoke else [2, 4, 8]
     rounds = 2 if smoke else 10
     rows = []
     for m in ms:

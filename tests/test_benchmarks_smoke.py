@@ -85,7 +85,9 @@ def test_issue13_items_smoke(tmp_path):
     assert all(math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in multi["steps"])
     assert [r["m"] for r in multi["gram"]] == [1, 2] and all(r["gram_over_copy"] > 0 for r in multi["gram"])
     jd = json.loads((tmp_path / "torchjd_compare.json").read_text())
-    assert jd["rows"][0]["update_difference"] < 1e-3  # the same aggregation up to torchjd's regularisation
+    assert (
+        jd["rows"][0]["m"] == 3 and jd["rows"][0]["update_difference"] < 1e-3
+    )  # the same aggregation up to torchjd's regularisation
     assert jd["rows"][0]["peak_bytes"]["torchjd"] > 0
     coop = json.loads((tmp_path / "cooper_compare.json").read_text())
     assert len(coop["table"]) == 5 and any(name.startswith("ours") for name in coop["table"])
