@@ -21,7 +21,13 @@ def _machine(res: dict) -> str:
     m = res["machine"]
     where = m.get("gpu") or f"{m['cpu_count']}-core CPU ({m['cpu']}), {m['torch_threads']} torch threads"
     command = res.get("command", f"{COMMAND} --only {{item}}")
-    return f"*{where}; torch {m['torch']}; {m['date']}; `{command}`*"
+    load = m.get("load_average_1min")
+    shared = (
+        f"; machine shared: load average {load:.1f} on {m['cpu_count']} cores"
+        if load is not None and load > m["cpu_count"]
+        else ""
+    )
+    return f"*{where}; torch {m['torch']}; {m['date']}{shared}; `{command}`*"
 
 
 def _save(fig, name: str) -> str:
