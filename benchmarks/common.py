@@ -79,9 +79,9 @@ def machine() -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        # Runnable processes averaged over the last minute when the result was written: above the
-        # core count, other work shared the machine and absolute times are inflated.
-        "load_average_1min": os.getloadavg()[0],
+        # Runnable processes averaged over the last 1, 5 and 15 minutes when the result was written:
+        # above the core count, other work shared the machine and absolute times are inflated.
+        "load_average": list(os.getloadavg()),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

@@ -21,10 +21,10 @@ def _machine(res: dict) -> str:
     m = res["machine"]
     where = m.get("gpu") or f"{m['cpu_count']}-core CPU ({m['cpu']}), {m['torch_threads']} torch threads"
     command = res.get("command", f"{COMMAND} --only {{item}}")
-    load = m.get("load_average_1min")
+    load = m.get("load_average")
     shared = (
-        f"; machine shared: load average {load:.1f} on {m['cpu_count']} cores"
-        if load is not None and load > m["cpu_count"]
+        f"; machine shared: load average {load[1]:.1f} (5 min) on {m['cpu_count']} cores"
+        if load is not None and load[1] > m["cpu_count"]
         else ""
     )
     return f"*{where}; torch {m['torch']}; {m['date']}{shared}; `{command}`*"
