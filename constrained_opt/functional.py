@@ -294,7 +294,7 @@ def dual_qp(gg: Tensor, gr: Tensor, a: Tensor) -> KKTSolution:
     row and the span of the rows before it) below √ε of ``gg``'s dtype marks a dependent row.
     """
     m = gg.shape[-1]
-    if m > MAX_CONSTRAINTS:
+    if m > MAX_CONSTRAINTS + 1:  # the multi-objective rules solve it over all m + 1 rows
         raise ValueError(too_many_constraints(m))
     out_dtype, device = gg.dtype, gg.device
     wide = torch.float64 if device.type != "mps" else torch.float32
