@@ -65,7 +65,7 @@ def test_sigint_at_random_moments_leaves_the_step_exactly_undone_or_done():
                 model.parameters(), torch.optim.Adam, lr=1e-2, inner_steps=inner_steps, inner_lr=0.1
             )
 
-            def closures(m):
+            def closures(m, x=x):
                 return (lambda: m(x).pow(2).mean(), lambda: (m(x) - 1).pow(2).mean())
 
             opt.step(*closures(model))  # Adam state exists
@@ -76,9 +76,9 @@ def test_sigint_at_random_moments_leaves_the_step_exactly_undone_or_done():
                 before = snapshot(model, opt)
                 steps = opt.steps_taken
                 timer = threading.Timer(rng.uniform(0, 1.1 * duration), os.kill, (os.getpid(), signal.SIGINT))
-                in_step["on"] = True
-                timer.start()
                 try:
+                    in_step["on"] = True
+                    timer.start()
                     opt.step(*closures(model))
                 except KeyboardInterrupt:
                     pass
