@@ -17,12 +17,6 @@ def test_two_objectives_step(rule):
     theta = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     ValueFunctionBilevelOptimizer(model.parameters(), torch.optim.SGD, lr=1.0, rule=rule).step(objectives)
     delta = theta - torch.cat([p.detach().flatten() for p in model.parameters()])
-    jac = torch.stack(
-        [
-            torch.cat([g.flatten() for g in torch.autograd.grad(f(), list(model.parameters()))])
-            for f in objectives
-        ]
-    )
     with torch.no_grad():
         for p, start in zip(model.parameters(), (0, 3), strict=True):  # back to θ for the Jacobian
             p.copy_(theta[start : start + p.numel()].view_as(p))
