@@ -74,8 +74,9 @@ def test_sa_budget_smoke_measures_both_methods_in_one_run(tmp_path):
 
 def test_issue13_items_smoke(tmp_path):
     """Issue 13's benchmark items in one run: m constraints against their floor, the torchjd and cooper
-    comparisons, and the authors' step transcription, which must compute our update."""
-    items = ["multi_constraint", "torchjd_compare", "cooper_compare", "authors_step"]
+    comparisons, the authors' step transcription (which must compute our update) and two digits
+    forgotten at once."""
+    items = ["multi_constraint", "torchjd_compare", "cooper_compare", "authors_step", "ddpm_multiclass"]
     cmd = [sys.executable, "-m", "benchmarks", "--only", *items, "--smoke", "--out", str(tmp_path)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
     multi = json.loads((tmp_path / "multi_constraint.json").read_text())
@@ -97,10 +98,23 @@ def test_issue13_items_smoke(tmp_path):
         assert pair["relative_update_difference"] < 1e-4  # same math, fp32 rounding only
         assert pair["time_median"] > 0 and math.isfinite(pair["time_fastest"])
     assert authors["peak_bytes"]["authors_k1"] > 0 and authors["peak_bytes"]["ours_k1"] > 0
+    ddpm = json.loads((tmp_path / "ddpm_multiclass.json").read_text())
+    assert set(ddpm["runs"]) == {"base", "pooled", "per-class"}
+    for run in ddpm["runs"]["per-class"]:
+        assert {"lam_class_0", "lam_class_3"} <= run["mean_lams"].keys()
+        low, high = run["ci"]["p_forget_c3"]
+        assert 0 <= low <= run["p_forget_c3"] <= high <= 1
 
     from benchmarks.report import write_docs
 
     text = Path(write_docs(str(tmp_path), docs_dir=str(tmp_path / "docs"), include_smoke=True)).read_text()
-    for heading in ("6. multi_constraint", "7. torchjd_compare", "8. cooper_compare", "9. authors_step"):
+    headings = (
+        "6. multi_constraint",
+        "7. torchjd_compare",
+        "8. cooper_compare",
+        "9. authors_step",
+        "10. ddpm",
+    )
+    for heading in headings:
         assert f"## {heading}" in text
     assert "| authors_k1 vs ours_k1 |" in text and (tmp_path / "docs" / "img" / "cooper_compare.png").exists()

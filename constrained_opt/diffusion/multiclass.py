@@ -78,32 +78,29 @@ def split_forget_classes(data: ImageData, forget: ForgetClasses) -> tuple[ImageD
 
 
 class StratifiedSampler:
-    """Endless forget batches with a fixed share of every class: class i contributes ⌈B/m⌉ images for
-    i < B mod m and ⌊B/m⌋ otherwise, each from its own :class:`BatchSampler` (own seed and state)."""
+    """Endless batches with a fixed share of every part (a class, a concept's prompts, ...): part i
+    contributes ⌈B/m⌉ images for i < B mod m and ⌊B/m⌋ otherwise, each from its own
+    :class:`BatchSampler` (own seed and state)."""
 
-    def __init__(self, data: ImageData, classes: tuple[int, ...], batch_size: int, seed: int):
-        if batch_size < len(classes):
+    def __init__(self, parts: list[ImageData], batch_size: int, seed: int):
+        if batch_size < len(parts):
             raise UsageError(
-                f"batch size {batch_size} is smaller than the number of forget classes ({len(classes)}): "
-                "each batch must hold every class"
+                f"batch size {batch_size} is smaller than the number of forget classes or concepts "
+                f"({len(parts)}): each batch must hold every one of them"
             )
-        base, extra = divmod(batch_size, len(classes))
-        self.classes = classes
-        self.samplers = [
-            BatchSampler(data.subset(data.labels == c), base + (i < extra), seed + 1000 * i)
-            for i, c in enumerate(classes)
-        ]
+        base, extra = divmod(batch_size, len(parts))
+        self.samplers = [BatchSampler(p, base + (i < extra), seed + 1000 * i) for i, p in enumerate(parts)]
 
     def next(self) -> tuple[Tensor, Tensor]:
-        parts = [s.next() for s in self.samplers]
-        return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+        batches = [s.next() for s in self.samplers]
+        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
 
     def state_dict(self) -> dict:
-        return {str(c): s.state_dict() for c, s in zip(self.classes, self.samplers, strict=True)}
+        return {str(i): s.state_dict() for i, s in enumerate(self.samplers)}
 
     def load_state_dict(self, state: dict) -> None:
-        for c, s in zip(self.classes, self.samplers, strict=True):
-            s.load_state_dict(state[str(c)])
+        for i, s in enumerate(self.samplers):
+            s.load_state_dict(state[str(i)])
 
 
 def forget_sampler(forget: ImageData, classes: ForgetClasses, batch_size: int, seed: int):
@@ -111,7 +108,7 @@ def forget_sampler(forget: ImageData, classes: ForgetClasses, batch_size: int, s
     classes = as_classes(classes)
     if len(classes) == 1:
         return BatchSampler(forget, batch_size, seed)
-    return StratifiedSampler(forget, classes, batch_size, seed)
+    return StratifiedSampler([forget.subset(forget.labels == c) for c in classes], batch_size, seed)
 
 
 def evaluate_classes(
