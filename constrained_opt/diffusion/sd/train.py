@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -44,6 +45,7 @@ from ..errors import UsageError
 from ..io import atomic_path, write_json
 from ..losses import denoising_loss, diffuse, forget_loss, saliency_mask
 from ..metrics import PeakMemory
+from ..multiclass import StratifiedSampler
 from .latents import SetSpec, fingerprint, generate_set, load_set
 from .loading import load_pipeline
 from .prompts import Task
@@ -124,6 +126,12 @@ class SDJob:
         inner_lr = lr."""
         self.validate()
         batch = self.batch_size or DEFAULT_BATCH[self.method]
+        groups = len(self.task.groups)
+        if groups and self.method != "esd" and min(batch, self.num_forget) < groups:
+            raise UsageError(
+                f"{groups} concepts need --batch-size and --num-forget of at least {groups} "
+                "(every forget batch holds every concept)"
+            )
         steps = self.steps or (ESD_STEPS if self.method == "esd" else math.ceil(5 * self.num_forget / batch))
         inner_lr = self.lr if self.inner_lr is None else self.inner_lr
         return dataclasses.replace(self, batch_size=batch, steps=steps, inner_lr=inner_lr)
@@ -230,8 +238,12 @@ class Context:
         return self.table[labels.to(self.table.device)]
 
     def batch(self, sampler: BatchSampler):
+        return self.labelled_batch(sampler)[0]
+
+    def labelled_batch(self, sampler: BatchSampler):
+        """A diffused batch and its prompt labels."""
         z0, labels = sampler.next()
-        return diffuse(self.scheduler, z0.to(self.table.device), self.cond(labels), self.generator)
+        return diffuse(self.scheduler, z0.to(self.table.device), self.cond(labels), self.generator), labels
 
     def anchor_target(self, b) -> Tensor:
         """ε_f = sg ε_θ(x_t | c_m), one anchor c_m drawn per sample."""
@@ -260,12 +272,25 @@ class EraseDiffSD:
 
     def step(self, retain: BatchSampler, forget: BatchSampler) -> dict[str, float]:
         ctx = self.ctx
-        br, bf = ctx.batch(retain), ctx.batch(forget)
+        br, (bf, labels) = ctx.batch(retain), ctx.labelled_batch(forget)
         target = ctx.anchor_target(bf)
-        stats = self.optimizer.step(
-            lambda: denoising_loss(ctx.eps, br), lambda: forget_loss(ctx.eps, bf, target)
-        )
-        return {k: v for k, v in stats.as_dict().items() if isinstance(v, float | bool)}
+        groups = ctx.job.task.groups
+        if groups:  # one constraint per concept, on its rows of the stratified batch
+            constraints = {}
+            for name, group in zip(ctx.job.task.group_names, groups, strict=True):
+                rows = torch.isin(labels, torch.tensor([ctx.ids[p] for p in group])).nonzero().squeeze(1)
+                part = type(bf)(*(field[rows.to(field.device)] for field in bf))
+                constraints[name] = functools.partial(
+                    forget_loss, ctx.eps, part, target[rows.to(target.device)]
+                )
+        else:
+            constraints = lambda: forget_loss(ctx.eps, bf, target)  # noqa: E731
+        stats = self.optimizer.step(lambda: denoising_loss(ctx.eps, br), constraints)
+        out = {k: v for k, v in stats.as_dict().items() if isinstance(v, float | bool)}
+        if groups:
+            for name, lam, loss in zip(stats.constraint_names, stats.lams, stats.forget_losses, strict=True):
+                out[f"lam[{name}]"], out[f"forget_loss[{name}]"] = lam, loss
+        return out
 
 
 class SalUnSD:
@@ -437,7 +462,7 @@ def unlearn_sd(job: SDJob) -> dict:
     data: dict[str, ImageData] = {}
     set_dirs: dict[str, str] = {}
     sets = {
-        "forget": (list(task.forget), job.num_forget, 0),
+        "forget": (list(task.generation_prompts()), job.num_forget, 0),
         "retain": (list(task.retain), job.num_retain, 1),
     }
     if job.method != "esd":
@@ -502,6 +527,13 @@ def unlearn_sd(job: SDJob) -> dict:
         k: BatchSampler(d, job.batch_size, job.seed + 2 * state.process_index + i)
         for i, (k, d) in enumerate(data.items())
     }
+    if task.groups and "forget" in data:  # every forget batch holds every concept
+        forget_data = data["forget"]
+        parts = [
+            forget_data.subset(torch.isin(forget_data.labels, torch.tensor([ids[p] for p in g])))
+            for g in task.groups
+        ]
+        samplers["forget"] = StratifiedSampler(parts, job.batch_size, job.seed + 2 * state.process_index + 1)
     history: list[dict[str, float]] = []
     meter = PeakMemory(device)
     with meter:
@@ -529,6 +561,7 @@ def unlearn_sd(job: SDJob) -> dict:
         "forget_prompts": list(task.forget),
         "retain_prompts": list(task.retain),
         "anchors": list(task.anchors),
+        "constraints": {name: list(g) for name, g in zip(task.group_names, task.groups, strict=True)},
         "trained_parameters": sum(p.numel() for p in params),
         "total_parameters": sum(p.numel() for p in unet.parameters()),
         "time_s": time_s,
