@@ -54,6 +54,7 @@ BATCH = {"tiny": 4, "cifar10": 4}
 CUDA_BATCH = {"tiny": 4, "cifar10": 128}  # the authors' batch size
 ETA, INNER_LR, LR, CLIP = 0.1, 1e-4, 1e-4, 1.0  # their eta_bome, Adam lr (also ξ here), grad_clip
 MODES = ("ours_k1", "authors_k1", "ours_k0", "authors_outer", "authors_k1_no_gc")
+PAIRS = (("ours_k1", "authors_k1"), ("ours_k0", "authors_outer"))
 
 
 class Problem:
@@ -187,10 +188,10 @@ def make_step(mode: str, p: Problem, base=torch.optim.Adam, lr: float = LR) -> C
     return lambda: authors_step(p, optimizer, inner_optimizer, inner, messages.append, flush)
 
 
-def same_update(preset: str, batch: int, device: torch.device) -> dict[str, float]:
+def same_update(preset: str, batch: int, device: torch.device, pairs=PAIRS) -> dict[str, float]:
     """‖Δθ_ours − Δθ_authors‖ / ‖Δθ_authors‖ after one step from the same θ (dropout off, SGD lr 1)."""
     out = {}
-    for ours, theirs in (("ours_k1", "authors_k1"), ("ours_k0", "authors_outer")):
+    for ours, theirs in pairs:
         deltas = []
         for mode in (ours, theirs):
             p = Problem(preset, batch, device)
@@ -236,9 +237,10 @@ def peak_memory(preset: str, batch: int, device: torch.device, modes=MODES) -> d
 def run(device: torch.device, smoke: bool) -> dict:
     preset = "tiny" if smoke else "cifar10"
     batch = (CUDA_BATCH if device.type == "cuda" else BATCH)[preset]
-    rounds = 1 if smoke else 5
-    modes = MODES[:4] if smoke else MODES
-    agreement = same_update(preset, batch, device)
+    # Smoke: the K = 1 pair only, one round, no memory workers (each imports diffusers afresh).
+    rounds, pairs = (1, PAIRS[:1]) if smoke else (5, PAIRS)
+    modes = [m for pair in pairs for m in pair] + ([] if smoke else ["authors_k1_no_gc"])
+    agreement = same_update(preset, batch, device, pairs)
     p = Problem(preset, batch, device)
     times = interleaved_times({mode: make_step(mode, p) for mode in modes}, rounds, device)
     gc_seconds = []
@@ -248,11 +250,10 @@ def run(device: torch.device, smoke: bool) -> dict:
         gc_seconds.append(time.perf_counter() - start)
     medians = {m: statistics.median(ts) for m, ts in times.items()}
     fastest = {m: min(ts) for m, ts in times.items()}
-    # Smoke: the K = 1 pair only (each worker imports diffusers afresh).
-    peaks = peak_memory(preset, batch, device, MODES[:2] if smoke else MODES[:4])
-    param_bytes = peaks["ours_k1"]["param_bytes"]
-    pairs = {}
-    for ours, theirs in (("ours_k1", "authors_k1"), ("ours_k0", "authors_outer")):
+    peaks = {} if smoke else peak_memory(preset, batch, device, MODES[:4])
+    param_bytes = sum(q.numel() * 4 for q in p.unet.parameters())
+    results = {}
+    for ours, theirs in pairs:
         pair = {
             "time_median": medians[theirs] / medians[ours],
             "time_fastest": fastest[theirs] / fastest[ours],
@@ -262,7 +263,7 @@ def run(device: torch.device, smoke: bool) -> dict:
             extra = peaks[theirs]["peak_bytes"] - peaks[ours]["peak_bytes"]
             pair["peak_extra_in_param_bytes"] = extra / param_bytes
             pair["peak_ratio"] = peaks[theirs]["peak_bytes"] / peaks[ours]["peak_bytes"]
-        pairs[f"{theirs}_over_{ours}"] = pair
+        results[f"{theirs}_over_{ours}"] = pair
         print(
             f"authors_step  {preset} batch {batch}  {theirs}/{ours}: time {pair['time_median']:.2f}x "
             f"(fastest {pair['time_fastest']:.2f}x), peak {pair.get('peak_ratio', float('nan')):.2f}x, "
@@ -291,7 +292,7 @@ def run(device: torch.device, smoke: bool) -> dict:
         "memory_method": "cuda max_memory_allocated"
         if device.type == "cuda"
         else "peak RSS (VmHWM) of a fresh process per mode, glibc mmap threshold fixed",
-        "pairs": pairs,
+        "pairs": results,
     }
 
 

@@ -86,10 +86,11 @@ def test_issue13_items_smoke(tmp_path):
     assert all(math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in multi["steps"])
     assert [r["m"] for r in multi["gram"]] == [1, 2] and all(r["gram_over_copy"] > 0 for r in multi["gram"])
     jd = json.loads((tmp_path / "torchjd_compare.json").read_text())
+    row = jd["rows"][0]
     assert (
-        jd["rows"][0]["m"] == 3 and jd["rows"][0]["update_difference"] < 1e-3
-    )  # the same aggregation up to torchjd's regularisation
-    assert jd["rows"][0]["peak_bytes"]["torchjd"] > 0
+        row["m"] == 3 and row["update_difference"] < 1e-3
+    )  # one aggregation, up to torchjd's regularisation
+    assert all(math.isfinite(t) and t > 0 for t in row["time_over_ours"].values())
     coop = json.loads((tmp_path / "cooper_compare.json").read_text())
     assert len(coop["table"]) == 5 and any(name.startswith("ours") for name in coop["table"])
     assert all(0 <= row["at_equal_passes"]["train_violation"] < 1 for row in coop["table"].values())
@@ -97,7 +98,7 @@ def test_issue13_items_smoke(tmp_path):
     for pair in authors["pairs"].values():
         assert pair["relative_update_difference"] < 1e-4  # same math, fp32 rounding only
         assert pair["time_median"] > 0 and math.isfinite(pair["time_fastest"])
-    assert authors["peak_bytes"]["authors_k1"] > 0 and authors["peak_bytes"]["ours_k1"] > 0
+    assert set(authors["pairs"]) == {"authors_k1_over_ours_k1"}  # smoke: the K = 1 pair, no memory workers
     ddpm = json.loads((tmp_path / "ddpm_multiclass.json").read_text())
     assert set(ddpm["runs"]) == {"base", "pooled", "per-class"}
     for run in ddpm["runs"]["per-class"]:
