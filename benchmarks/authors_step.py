@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -48,7 +46,7 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
-from .common import interleaved_times
+from .common import interleaved_times, peak_bytes, peak_method, run_worker
 
 BATCH = {"tiny": 4, "cifar10": 4}
 CUDA_BATCH = {"tiny": 4, "cifar10": 128}  # the authors' batch size
@@ -204,14 +202,6 @@ def same_update(preset: str, batch: int, device: torch.device, pairs=PAIRS) -> d
     return out
 
 
-def _peak_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    from .memory import _peak_rss
-
-    return _peak_rss()
-
-
 def worker(mode: str, preset: str, batch: int, device_name: str) -> dict:
     """Peak memory of two steps of ``mode`` in this (fresh) process."""
     device = torch.device(device_name)
@@ -221,17 +211,7 @@ def worker(mode: str, preset: str, batch: int, device_name: str) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(2):
         step()
-    return {"peak_bytes": _peak_bytes(device), "param_bytes": sum(q.numel() * 4 for q in p.unet.parameters())}
-
-
-def peak_memory(preset: str, batch: int, device: torch.device, modes=MODES) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # see item 3 (memory.py)
-    peaks = {}
-    for mode in modes:
-        cmd = [sys.executable, "-m", "benchmarks.authors_step", mode, preset, str(batch), str(device)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
-        peaks[mode] = json.loads(out.strip().splitlines()[-1])
-    return peaks
+    return {"peak_bytes": peak_bytes(device)}
 
 
 def run(device: torch.device, smoke: bool) -> dict:
@@ -250,7 +230,7 @@ def run(device: torch.device, smoke: bool) -> dict:
         gc_seconds.append(time.perf_counter() - start)
     medians = {m: statistics.median(ts) for m, ts in times.items()}
     fastest = {m: min(ts) for m, ts in times.items()}
-    peaks = {} if smoke else peak_memory(preset, batch, device, MODES[:4])
+    peaks = {} if smoke else {m: run_worker("authors_step", m, preset, batch, device) for m in MODES[:4]}
     param_bytes = sum(q.numel() * 4 for q in p.unet.parameters())
     results = {}
     for ours, theirs in pairs:
@@ -289,9 +269,7 @@ def run(device: torch.device, smoke: bool) -> dict:
         "rounds": rounds,
         "peak_bytes": {m: v["peak_bytes"] for m, v in peaks.items()},
         "param_bytes": param_bytes,
-        "memory_method": "cuda max_memory_allocated"
-        if device.type == "cuda"
-        else "peak RSS (VmHWM) of a fresh process per mode, glibc mmap threshold fixed",
+        "memory_method": peak_method(device),
         "pairs": results,
     }
 

@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -69,6 +71,30 @@ def denoiser_problem(preset: str, batch: int, device: torch.device, seed: int = 
         return F.mse_loss(unet(x_f, t, class_labels=c_f).sample, target)
 
     return unet, retain, forget
+
+
+def peak_bytes(device: torch.device) -> int:
+    """Peak memory of this process so far: CUDA max allocated, or peak RSS (VmHWM) on CPU (see item 3)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    from .memory import _peak_rss
+
+    return _peak_rss()
+
+
+def peak_method(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "cuda max_memory_allocated"
+    return "peak RSS (VmHWM) of a fresh process per mode, glibc mmap threshold fixed"
+
+
+def run_worker(module: str, *args: object) -> dict:
+    """``python -m benchmarks.<module> ARGS`` in a fresh process with glibc's mmap threshold fixed (so
+    peak RSS tracks live bytes, see item 3); returns the JSON of its last line."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    cmd = [sys.executable, "-m", f"benchmarks.{module}", *map(str, args)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def machine() -> dict:

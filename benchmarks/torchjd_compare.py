@@ -23,15 +23,13 @@ ours exactly, so they agree to about its regularisation.
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
 import sys
 
 import torch
 from torch.nn import functional as F
 
-from .common import interleaved_times
+from .common import interleaved_times, peak_bytes, peak_method, run_worker
 
 MODES = ("ours", "torchjd", "torchjd_gramian", "autograd")
 BATCH = 16
@@ -106,24 +104,7 @@ def worker(mode: str, m: int, device_name: str) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(2):
         step()
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        from .memory import _peak_rss
-
-        peak = _peak_rss()
-    return {"peak_bytes": peak, "param_bytes": sum(p.numel() * 4 for p in unet.parameters())}
-
-
-def peak_memory(m: int, device: torch.device, modes) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # see item 3 (memory.py)
-    out = {}
-    for mode in modes:
-        cmd = [sys.executable, "-m", "benchmarks.torchjd_compare", mode, str(m), str(device)]
-        out[mode] = json.loads(
-            subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
-        )
-    return out
+    return {"peak_bytes": peak_bytes(device)}
 
 
 def run(device: torch.device, smoke: bool) -> dict:
@@ -143,7 +124,8 @@ def run(device: torch.device, smoke: bool) -> dict:
         times = interleaved_times({mode: make_step(mode, unet, closures) for mode in MODES}, rounds, device)
         medians = {k: statistics.median(v) for k, v in times.items()}
         fastest = {k: min(v) for k, v in times.items()}
-        peaks = {} if smoke else peak_memory(m, device, MODES)  # smoke: no workers (each imports diffusers)
+        # Smoke: no memory workers (each imports diffusers afresh).
+        peaks = {} if smoke else {mode: run_worker("torchjd_compare", mode, m, device) for mode in MODES}
         row = {
             "m": m,
             "params": sum(p.numel() for p in unet.parameters()),
@@ -167,9 +149,7 @@ def run(device: torch.device, smoke: bool) -> dict:
         "torchjd": torchjd.__version__ if hasattr(torchjd, "__version__") else "0.18",
         "batch_per_objective": BATCH,
         "rounds": rounds,
-        "memory_method": "cuda max_memory_allocated"
-        if device.type == "cuda"
-        else "peak RSS (VmHWM) of a fresh process per mode, glibc mmap threshold fixed",
+        "memory_method": peak_method(device),
         "rows": rows,
     }
 

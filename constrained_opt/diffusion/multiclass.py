@@ -23,16 +23,7 @@ from torch import Tensor
 
 from .data import BatchSampler, ImageData, check_class
 from .errors import UsageError
-from .metrics import (
-    accuracy,
-    classifier_features,
-    classifier_probs,
-    evaluate_generated,
-    fid,
-    forget_scores,
-    inception_fid,
-    precision_recall,
-)
+from .metrics import classifier_probs, evaluate_generated
 
 ForgetClasses = int | tuple[int, ...]
 
@@ -125,26 +116,15 @@ def evaluate_classes(
     ``p_forget_c<k>`` per class beside it; accuracy, FID and precision/recall cover the other classes.
     """
     classes = as_classes(forget)
-    if len(classes) == 1:
-        return evaluate_generated(classifier, samples, labels, real, classes[0], inception_weights)
-    probs = classifier_probs(classifier, samples)
     mask = is_forgotten(labels, classes)
-    own = probs[mask].gather(1, labels[mask].unsqueeze(1)).squeeze(1)
-    _, entropy = forget_scores(probs[mask], classes[0])
-    generated = samples[~mask]
-    feature = classifier_features(classifier)
-    precision, recall = precision_recall(feature(real), feature(generated))
-    out = {
-        "p_forget": own.mean().item(),
-        **{f"p_forget_c{c}": probs[labels == c, c].mean().item() for c in classes},
-        "forget_entropy": entropy,
-        "remaining_accuracy": accuracy(probs[~mask], labels[~mask]),
-        "fid": fid(real, generated, feature),
-        "precision": precision,
-        "recall": recall,
-    }
-    if inception_weights:
-        out["fid_inception"] = inception_fid(real, generated, inception_weights)
+    # The pooled figures are evaluate_generated's with every forget class as one: relabel them as the first.
+    out = evaluate_generated(
+        classifier, samples, torch.where(mask, classes[0], labels), real, classes[0], inception_weights
+    )
+    if len(classes) > 1:
+        probs = classifier_probs(classifier, samples[mask])
+        out["p_forget"] = probs.gather(1, labels[mask].unsqueeze(1)).mean().item()
+        out.update({f"p_forget_c{c}": probs[labels[mask] == c, c].mean().item() for c in classes})
     return out
 
 
