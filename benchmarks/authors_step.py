@@ -46,7 +46,7 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
-from .common import interleaved_times, peak_bytes, peak_method, run_worker
+from .common import interleaved_times, peak_method, peak_of_steps, run_worker
 
 BATCH = {"tiny": 4, "cifar10": 4}
 CUDA_BATCH = {"tiny": 4, "cifar10": 128}  # the authors' batch size
@@ -205,13 +205,7 @@ def same_update(preset: str, batch: int, device: torch.device, pairs=PAIRS) -> d
 def worker(mode: str, preset: str, batch: int, device_name: str) -> dict:
     """Peak memory of two steps of ``mode`` in this (fresh) process."""
     device = torch.device(device_name)
-    p = Problem(preset, batch, device)
-    step = make_step(mode, p)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(2):
-        step()
-    return {"peak_bytes": peak_bytes(device)}
+    return peak_of_steps(make_step(mode, Problem(preset, batch, device)), device)
 
 
 def run(device: torch.device, smoke: bool) -> dict:

@@ -82,6 +82,15 @@ def peak_bytes(device: torch.device) -> int:
     return _peak_rss()
 
 
+def peak_of_steps(step: Callable[[], object], device: torch.device, count: int = 2) -> dict:
+    """Run ``step`` ``count`` times (so optimizer state exists) and return this process's peak memory."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(count):
+        step()
+    return {"peak_bytes": peak_bytes(device)}
+
+
 def peak_method(device: torch.device) -> str:
     if device.type == "cuda":
         return "cuda max_memory_allocated"

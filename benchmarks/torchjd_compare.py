@@ -29,7 +29,7 @@ import sys
 import torch
 from torch.nn import functional as F
 
-from .common import interleaved_times, peak_bytes, peak_method, run_worker
+from .common import interleaved_times, peak_method, peak_of_steps, run_worker
 
 MODES = ("ours", "torchjd", "torchjd_gramian", "autograd")
 BATCH = 16
@@ -97,14 +97,9 @@ def update_difference(m: int, device: torch.device) -> float:
 
 
 def worker(mode: str, m: int, device_name: str) -> dict:
+    """Peak memory of two steps of ``mode`` in this (fresh) process."""
     device = torch.device(device_name)
-    unet, closures = problem(m, device)
-    step = make_step(mode, unet, closures)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(2):
-        step()
-    return {"peak_bytes": peak_bytes(device)}
+    return peak_of_steps(make_step(mode, *problem(m, device)), device)
 
 
 def run(device: torch.device, smoke: bool) -> dict:
