@@ -201,7 +201,7 @@ def test_parameter_sets_on_the_sd14_unet():
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD14_UNET_CONFIG)
     names = [n for n, _ in unet.named_parameters()]
-    sets = {m: {n for n in names if train.trains(n, m)} for m in train.TRAIN_PARAMS}
+    sets = {m: {n for n in names if train.trains(n, m)} for m in train.PARAM_SETS}
     excluded = {n for n in names if n.startswith(train.NOXATTN_EXCLUDED)}
     assert sets["full"] == set(names)
     assert sets["xattn"] == {n for n in names if "attn2" in n}
