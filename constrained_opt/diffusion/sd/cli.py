@@ -62,6 +62,12 @@ def _unlearn_sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
         help="default: " + ", ".join(f"{m} {b}" for m, b in DEFAULT_BATCH.items()),
     )
     p.add_argument(
+        "--gradient-accumulation-steps",
+        type=int,
+        default=1,
+        help="micro-batches of --batch-size per step (EraseDiff: each closure is MicroBatches over them)",
+    )
+    p.add_argument(
         "--num-forget", type=int, default=400, help="generated forget images (default %(default)s)"
     )
     p.add_argument(
@@ -134,6 +140,7 @@ def _unlearn_sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
             merge=args.merge,
             steps=args.steps,
             batch_size=args.batch_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
             num_forget=args.num_forget,
             num_retain=args.num_retain,
             resolution=args.resolution,

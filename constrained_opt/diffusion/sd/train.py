@@ -21,6 +21,7 @@ weights untouched. The models: SD 1.x/2.x and SDXL, ε- or v-prediction (:mod:`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -72,6 +73,7 @@ class SDJob:
     merge: bool = False
     steps: int | None = None
     batch_size: int | None = None
+    gradient_accumulation_steps: int = 1  # micro-batches per step, each of batch_size
     num_forget: int = 400
     num_retain: int = 400
     resolution: int | None = None  # None: the model's native size (UNet sample_size × VAE factor)
@@ -141,6 +143,7 @@ class SDJob:
             "grid_images",
             "grid_steps",
             "lora_rank",
+            "gradient_accumulation_steps",
         )
         for name in positive:
             value = getattr(self, name)
@@ -191,20 +194,41 @@ class Context:
     scheduler: object  # DDPMScheduler of the model (forward process, prediction type)
     generator: torch.Generator
     job: SDJob
-    scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling
+    accelerator: object  # accelerate.Accelerator: the model and the optimizers are prepared by it
+    model: torch.nn.Module  # the prepared UNet (DDP-wrapped with several processes)
+    scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling: accelerate's (CUDA) or our own (CPU)
 
-    def descend(self, optimizer, loss: Tensor, mask: list[Tensor] | None = None) -> None:
-        """One step of a plain optimizer on ``loss`` (loss-scaled under fp16), gradients ⊙ ``mask``."""
+    @property
+    def own_scaler(self) -> torch.amp.GradScaler | None:
+        """The scaler this loop steps itself; accelerate's prepared optimizers step and update theirs."""
+        return self.scaler if self.scaler is not self.accelerator.scaler else None
+
+    def descend(self, optimizer, micro_loss, mask: list[Tensor] | None = None) -> dict[str, float]:
+        """One step of a prepared plain optimizer on the mean of ``gradient_accumulation_steps`` losses
+        ``micro_loss() -> (loss, stats)``, each on its own micro-batch (gradients accumulated, DDP's
+        all-reduce only on the last); loss-scaled under fp16, gradients ⊙ ``mask``. Returns the mean stats."""
+        n, scaler = self.job.gradient_accumulation_steps, self.own_scaler
         optimizer.zero_grad(set_to_none=True)
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        totals: dict[str, float] = {}
+        for i in range(n):
+            sync = contextlib.nullcontext() if i == n - 1 else self.accelerator.no_sync(self.model)
+            with sync:
+                loss, stats = micro_loss()
+                if scaler is not None:
+                    scaler.scale(loss / n).backward()
+                else:
+                    self.accelerator.backward(loss / n)
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / n
         if mask is not None:
             for p, m in zip(self.params, mask, strict=True):
                 p.grad.mul_(m)
-        if self.scaler:
-            self.scaler.step(optimizer)
-            self.scaler.update()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
         else:
             optimizer.step()
+        return totals
 
     def batch(self, sampler: BatchSampler):
         z0, rows = sampler.next()
@@ -223,7 +247,7 @@ class EraseDiffSD:
 
         j = ctx.job
         self.ctx = ctx
-        self.optimizer = ValueFunctionBilevelOptimizer(
+        optimizer = ValueFunctionBilevelOptimizer(
             ctx.params,
             base_optimizer=base_optimizer(j.optimizer),
             lr=j.lr,
@@ -234,21 +258,35 @@ class EraseDiffSD:
             max_grad_norm=j.max_grad_norm,
             grad_scaler=ctx.scaler,
         )
+        self.optimizer = ctx.accelerator.prepare_optimizer(optimizer, device_placement=False)
 
     def step(self, retain: BatchSampler, forget: BatchSampler) -> dict[str, float]:
-        ctx = self.ctx
-        br, bf = ctx.batch(retain), ctx.batch(forget)
-        target = ctx.anchor_target(bf)
-        stats = self.optimizer.step(
-            lambda: denoising_loss(ctx.eps, br), lambda: forget_loss(ctx.eps, bf, target)
-        )
+        """One update through accelerate's prepared optimizer: ``opt.step(Closures(retain, forget))``. With
+        gradient accumulation each closure is ``MicroBatches`` over that many micro-batches, fixed for
+        the step (the inner loop evaluates the forget loss at θ and φ^k on the same data)."""
+        from constrained_opt import Closures, MicroBatches
+
+        ctx, n = self.ctx, self.ctx.job.gradient_accumulation_steps
+        retain_parts, forget_parts = [], []
+        for _ in range(n):
+            br, bf = ctx.batch(retain), ctx.batch(forget)
+            target = ctx.anchor_target(bf)
+            retain_parts.append(lambda br=br: denoising_loss(ctx.eps, br))
+            forget_parts.append(lambda bf=bf, y=target: forget_loss(ctx.eps, bf, y))
+        if n == 1:
+            closures = Closures(retain_parts[0], forget_parts[0])
+        else:
+            closures = Closures(MicroBatches(retain_parts), MicroBatches(forget_parts))
+        self.optimizer.step(closures)
+        stats = self.optimizer.optimizer.last_stats
         return {k: v for k, v in stats.as_dict().items() if isinstance(v, float | bool)}
 
 
 class SalUnSD:
     def __init__(self, ctx: Context, forget: ImageData):
         self.ctx = ctx
-        self.optimizer = base_optimizer(ctx.job.optimizer)(ctx.params, lr=ctx.job.lr)
+        optimizer = base_optimizer(ctx.job.optimizer)(ctx.params, lr=ctx.job.lr)
+        self.optimizer = ctx.accelerator.prepare_optimizer(optimizer, device_placement=False)
         self.mask = self.saliency(forget)
 
     def saliency(self, forget: ImageData) -> list[Tensor]:
@@ -280,17 +318,21 @@ class SalUnSD:
 
     def step(self, retain: BatchSampler, forget: BatchSampler) -> dict[str, float]:
         ctx = self.ctx
-        bf, br = ctx.batch(forget), ctx.batch(retain)
-        lf = forget_loss(ctx.eps, bf, ctx.anchor_target(bf))
-        lr = denoising_loss(ctx.eps, br)
-        ctx.descend(self.optimizer, lf + ctx.job.alpha * lr, self.mask)
-        return {"forget_loss": lf.item(), "retain_loss": lr.item()}
+
+        def micro_loss():
+            bf, br = ctx.batch(forget), ctx.batch(retain)
+            lf = forget_loss(ctx.eps, bf, ctx.anchor_target(bf))
+            lr = denoising_loss(ctx.eps, br)
+            return lf + ctx.job.alpha * lr, {"forget_loss": lf.detach(), "retain_loss": lr.detach()}
+
+        return ctx.descend(self.optimizer, micro_loss, self.mask)
 
 
 class ESD:
     def __init__(self, ctx: Context, frozen: Denoiser, ddim, latent_shape: tuple[int, int, int]):
         self.ctx, self.frozen, self.ddim, self.latent_shape = ctx, frozen, ddim, latent_shape
-        self.optimizer = base_optimizer(ctx.job.optimizer)(ctx.params, lr=ctx.job.lr)
+        optimizer = base_optimizer(ctx.job.optimizer)(ctx.params, lr=ctx.job.lr)
+        self.optimizer = ctx.accelerator.prepare_optimizer(optimizer, device_placement=False)
         self.forget_rows = torch.tensor([ctx.table.ids[p] for p in ctx.job.task.forget])
         self.null = ctx.table.ids[""]
 
@@ -311,16 +353,19 @@ class ESD:
 
     def step(self, retain: BatchSampler | None, forget: BatchSampler | None) -> dict[str, float]:
         ctx, bs = self.ctx, self.ctx.job.batch_size
-        pick = torch.randint(len(self.forget_rows), (bs,), generator=ctx.generator)
-        c = self.forget_rows[pick].to(ctx.table.device)
-        x_t, t = self.partial_sample(c, (bs, *self.latent_shape))
-        with torch.no_grad():
-            e_0 = self.frozen(x_t, t, torch.full_like(c, self.null))
-            e_c = self.frozen(x_t, t, c)
-        target = e_0 - ctx.job.negative_guidance * (e_c - e_0)
-        loss = F.mse_loss(ctx.eps(x_t, t, c), target)
-        ctx.descend(self.optimizer, loss)
-        return {"loss": loss.item(), "t": float(t[0])}
+
+        def micro_loss():
+            pick = torch.randint(len(self.forget_rows), (bs,), generator=ctx.generator)
+            c = self.forget_rows[pick].to(ctx.table.device)
+            x_t, t = self.partial_sample(c, (bs, *self.latent_shape))
+            with torch.no_grad():
+                e_0 = self.frozen(x_t, t, torch.full_like(c, self.null))
+                e_c = self.frozen(x_t, t, c)
+            target = e_0 - ctx.job.negative_guidance * (e_c - e_0)
+            loss = F.mse_loss(ctx.eps(x_t, t, c), target)
+            return loss, {"loss": loss.detach(), "t": t[0].float()}
+
+        return ctx.descend(self.optimizer, micro_loss)
 
 
 # ------------------------------------------------------------------------------------------- outputs
@@ -399,6 +444,30 @@ def trained_parameters(unet, job: SDJob, amp: torch.dtype | None) -> list[tuple[
     return [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
 
 
+def make_accelerator(job: SDJob, device: torch.device):
+    """The run's ``accelerate.Accelerator``: it prepares the UNet (DDP under ``accelerate launch``) and the
+    optimizers, and under fp16 on an accelerator it owns the GradScaler (on the CPU accelerate has none
+    and the loop keeps its own). In a single process an accelerate state left by an earlier run with
+    other settings (a notebook, the tests) is reset first: accelerate refuses to change it in place."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    cpu = device.type == "cpu"
+    partial, full = PartialState._shared_state, AcceleratorState._shared_state
+    single = partial.get("num_processes", 1) == 1
+    placed = partial.get("device", torch.device("cpu"))
+    if (
+        full
+        and single
+        and (full.get("_mixed_precision") != job.mixed_precision or placed.type != device.type)
+    ):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    if device.type == "cuda" and device.index is not None and single:
+        torch.cuda.set_device(device)
+    return Accelerator(cpu=cpu, mixed_precision=job.mixed_precision)
+
+
 def unlearn_sd(job: SDJob) -> dict:
     """Run one job: load, self-generate D_f/D_r (cached), train, write the result, the grid and records.
 
@@ -409,7 +478,6 @@ def unlearn_sd(job: SDJob) -> dict:
     Under ``accelerate launch`` each process generates its share of the data and trains a DDP
     replica; only the main process writes.
     """
-    from accelerate import PartialState
     from diffusers import DDIMScheduler, DDPMScheduler
     from tqdm.auto import tqdm
 
@@ -418,8 +486,9 @@ def unlearn_sd(job: SDJob) -> dict:
 
     job = job.resolved()
     check_output_dir(job.out)
-    state = PartialState()
-    device = state.device if state.num_processes > 1 else resolve_device(job.device)
+    accelerator = make_accelerator(job, resolve_device(job.device))
+    state = accelerator.state
+    device = accelerator.device if state.num_processes > 1 else resolve_device(job.device)
     amp = MIXED_PRECISION[job.mixed_precision]
     base_optimizer(job.optimizer)  # fails now, not after generation, when bitsandbytes is missing
     load = functools.partial(
@@ -489,11 +558,7 @@ def unlearn_sd(job: SDJob) -> dict:
     if job.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    model = unet
-    if state.num_processes > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            unet, device_ids=[device] if device.type == "cuda" else None
-        )
+    model = accelerator.prepare_model(unet, device_placement=False)  # DDP with several processes
     generator = torch.Generator().manual_seed(job.seed + 1 + state.process_index)
     ctx = Context(
         eps=Denoiser(model, table, device, amp),
@@ -504,7 +569,9 @@ def unlearn_sd(job: SDJob) -> dict:
         scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
         generator=generator,
         job=job,
-        scaler=torch.amp.GradScaler(device.type) if amp is torch.float16 else None,
+        accelerator=accelerator,
+        model=model,
+        scaler=accelerator.scaler or (torch.amp.GradScaler(device.type) if amp is torch.float16 else None),
     )
     samplers = {
         k: BatchSampler(d, job.batch_size, job.seed + 2 * state.process_index + i)
