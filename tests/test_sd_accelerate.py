@@ -186,6 +186,28 @@ def test_overflow_through_accelerate_skips_the_step_and_backs_off_once(fresh_acc
     assert scaler.get_scale() == SCALE / 2
 
 
+def test_grad_scaler_step_hands_itself_over_outside_accelerate():
+    """``scaler.step(opt, closures)`` passes ``grad_scaler=scaler`` (the optimizer's step has the keyword):
+    the step scales with it and leaves ``update()`` to the caller; the trajectory is the unscaled one."""
+    plain, scaled = make_model(), make_model()
+    opt_plain, scaler = (
+        make_optimizer(plain),
+        torch.amp.GradScaler("cpu", init_scale=SCALE, growth_interval=2),
+    )
+    opt_scaled = make_optimizer(scaled, scaler)
+    for step in range(STEPS):
+        opt_plain.step(closures(plain, step, [0], 1))
+        with pytest.warns(FutureWarning, match="stop passing itself"):
+            scaler.step(opt_scaled, closures(scaled, step, [0], 1))
+        scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), scaled.parameters(), strict=True))
+    assert scaler.get_scale() == SCALE * 2 and opt_scaled.steps_taken == STEPS  # one update per step
+    other = torch.amp.GradScaler("cpu")
+    other.scale(torch.ones(()))
+    with pytest.raises(ValueError, match="other than the one this optimizer was built with"):
+        other.step(opt_scaled, closures(scaled, 0, [0], 1))
+
+
 def test_clear_errors_for_a_missing_scaler_and_accelerate_accumulation(fresh_accelerate):
     from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
