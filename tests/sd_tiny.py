@@ -59,6 +59,46 @@ def vae():
 
 
 SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+# The toy UNet shape every tiny pipeline shares: two levels, cross-attention on the second, 8×8 latents.
+UNET = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+)
+# `unlearn sd` settings that make a run take seconds on the tiny pipelines (a command's own flags override).
+FAST = "--num-forget 4 --num-retain 4 --resolution 16 --gen-steps 2 --grid-steps 2 --batch-size 2 --quiet"
+
+
+def cli(command: str, *paths) -> int:
+    """The CLI in-process: ``command`` formatted with ``paths``; ``unlearn sd`` gets FAST first.
+    argparse errors (SystemExit) become their exit code."""
+    import shlex
+
+    from constrained_opt.cli import main
+
+    words = shlex.split(command.format(*paths))
+    if words[:2] == ["unlearn", "sd"]:
+        words = [*words[:2], *FAST.split(), *words[2:]]
+    try:
+        return main(words)
+    except SystemExit as e:
+        return e.code
+
+
+def unet_params(path) -> dict[str, torch.Tensor]:
+    from diffusers import UNet2DConditionModel
+
+    return {n: p.detach() for n, p in UNet2DConditionModel.from_pretrained(path).named_parameters()}
+
+
+def changed(before, after) -> set[str]:
+    """Names of the parameters that differ between two ``unet_params`` dicts."""
+    assert before.keys() == after.keys()
+    return {n for n in before if not torch.equal(before[n], after[n])}
 
 
 def build_pipeline(path: str, seed: int = 0, sd2: bool = False) -> str:
@@ -73,13 +113,7 @@ def build_pipeline(path: str, seed: int = 0, sd2: bool = False) -> str:
     torch.manual_seed(seed)
     tok = tokenizer(os.path.join(path, "_tokenizer_src"))
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **UNET,
         cross_attention_dim=32,
         attention_head_dim=(2, 4) if sd2 else 8,
         use_linear_projection=sd2,
@@ -115,13 +149,7 @@ def build_xl_pipeline(path: str, seed: int = 0, prediction_type: str = "epsilon"
     tok = tokenizer(os.path.join(path, "_tokenizer_src"))
     pooled_dim, time_dim = 32, 8
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **UNET,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",

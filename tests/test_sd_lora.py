@@ -2,7 +2,6 @@
 
 import json
 import os
-import shlex
 
 import pytest
 import torch
@@ -12,10 +11,7 @@ pytest.importorskip("peft")
 
 import sd_tiny
 
-from constrained_opt.cli import main
 from constrained_opt.diffusion.sd import lora
-
-FAST = "--num-forget 4 --num-retain 4 --resolution 16 --gen-steps 2 --grid-steps 2 --batch-size 2 --quiet"
 
 one_thread = sd_tiny.one_thread  # autouse: the tiny models run fastest on one intra-op thread
 
@@ -30,15 +26,7 @@ def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("sd-cache"))
 
 
-def cli(command: str, *paths) -> int:
-    """The CLI in-process; ``unlearn sd`` gets the FAST settings first (the command's own override them)."""
-    words = shlex.split(command.format(*paths))
-    if words[:2] == ["unlearn", "sd"]:
-        words = [*words[:2], *FAST.split(), *words[2:]]
-    try:
-        return main(words)
-    except SystemExit as e:
-        return e.code
+cli = sd_tiny.cli
 
 
 def load(model):

@@ -3,7 +3,6 @@ pipelines built from configs, offline: detection, erasure with each parameter se
 
 import json
 import os
-import shlex
 import shutil
 
 import pytest
@@ -14,12 +13,9 @@ pytest.importorskip("peft")
 
 import sd_tiny
 
-from constrained_opt.cli import main
 from constrained_opt.diffusion.errors import UsageError
 from constrained_opt.diffusion.sd import lora, model, params
 from constrained_opt.diffusion.sd.loading import SDXL_UNET_CONFIG, load_pipeline, pipeline_class
-
-FAST = "--num-forget 4 --num-retain 4 --resolution 16 --gen-steps 2 --grid-steps 2 --batch-size 2 --quiet"
 
 one_thread = sd_tiny.one_thread  # autouse: the tiny models run fastest on one intra-op thread
 
@@ -36,25 +32,7 @@ def models(tmp_path_factory):
     }
 
 
-def cli(command: str, *paths) -> int:
-    words = shlex.split(command.format(*paths))
-    if words[:2] == ["unlearn", "sd"]:
-        words = [*words[:2], *FAST.split(), *words[2:]]
-    try:
-        return main(words)
-    except SystemExit as e:
-        return e.code
-
-
-def unet_params(path):
-    from diffusers import UNet2DConditionModel
-
-    return {n: p.detach() for n, p in UNet2DConditionModel.from_pretrained(path).named_parameters()}
-
-
-def changed(before, after) -> set[str]:
-    assert before.keys() == after.keys()
-    return {n for n in before if not torch.equal(before[n], after[n])}
+cli, unet_params, changed = sd_tiny.cli, sd_tiny.unet_params, sd_tiny.changed
 
 
 def xl_output(unet, seed=0):
