@@ -139,10 +139,8 @@ def plan(family: str) -> dict:
         sizes[train_params] = sum(p.numel() for p in trainable(unet, train_params, "", 0))
     for target in ("xattn", "noxattn"):
         for rank in (4, 16):
-            lora_unet = build_unet(family, "meta")
-            sizes[f"lora-{target}-r{rank}"] = sum(
-                p.numel() for p in trainable(lora_unet, "lora", target, rank)
-            )
+            sizes[f"lora-{target}-r{rank}"] = sum(p.numel() for p in trainable(unet, "lora", target, rank))
+            unet.unload_lora()
     rows = []
     configs = [  # (trained set, base weight bytes, trained weight bytes, Adam bytes per trained parameter)
         ("full", 4, 4, 8, "fp32 weights, Adam"),

@@ -213,3 +213,21 @@ def test_parameter_sets_on_the_sdxl_unet():
     assert excluded == {"conv_norm_out", "conv_out", "time_embedding", "add_embedding"}
     attn2 = {n.rsplit(".attn2.", 1)[0] + ".attn2" for n in sizes if "attn2" in n}
     assert all(unet.get_submodule(m).to_k.in_features == 2048 for m in attn2)  # reads the text
+
+
+def test_memory_plan_arithmetic():
+    """``benchmarks/sd_memory.py --plan``: training state from parameter counts (the 24 GB tables)."""
+    from benchmarks.sd_memory import GiB, plan
+
+    sd14 = plan("sd14")
+    assert sd14["total_params"] == 859_520_964
+    assert sd14["sets"]["noxattn"] == 813_495_680 and sd14["sets"]["lora-noxattn-r4"] == 3_806_864
+    rows = {(r["trained_set"], r["config"]): r for r in sd14["rows"]}
+    adam = rows["noxattn", "fp32 weights, Adam"]
+    n = 813_495_680
+    assert adam["erasediff_gib"] == pytest.approx((4 * 859_520_964 + 2 * 4 * n + 8 * n) / GiB)
+    assert adam["erasediff_k2_peak_gib"] == pytest.approx(adam["erasediff_gib"] + 4 * n / GiB)
+    lora_row = rows["lora-noxattn-r4", "LoRA r=4 on noxattn, bf16 base, fp32 adapter, Adam"]
+    assert (
+        lora_row["esd_gib"] < lora_row["erasediff_gib"] < 1.7
+    )  # no frozen copy: the adapter is switched off
