@@ -285,7 +285,7 @@ def _cooper_compare(res: dict, suffix: str) -> list[str]:
             ax.plot(
                 passes, [sum(c[i][key] for c in curves) / len(curves) for i in range(len(passes))], label=name
             )
-    ax_v.set(xlabel="forward passes", ylabel="train violation", yscale="symlog")
+    ax_v.set(xlabel="forward passes", ylabel="train violation, max_k (|p̄_k − p̄| − ε)₊")
     ax_l.set(xlabel="forward passes", ylabel="train BCE")
     ax_l.legend(fontsize=7)
     out += ["", f"![cooper]({_save(fig, f'cooper_compare{suffix}.png')})"]
