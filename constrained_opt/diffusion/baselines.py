@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable
@@ -68,15 +69,20 @@ class Setup:
 
 @dataclass
 class Hyper:
-    """Method hyperparameters; every numeric one must be ≥ 0 (checked before anything runs)."""
+    """Method hyperparameters; every numeric one must be finite and ≥ 0, and the clipping norm > 0
+    (checked before anything runs)."""
 
     max_grad_norm: float = 1.0
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, int | float) and not value >= 0:
-                raise UsageError(f"hyperparameter {f.name} must be ≥ 0, got {value}")
+            if isinstance(value, int | float) and not (math.isfinite(value) and value >= 0):
+                raise UsageError(f"hyperparameter {f.name} must be a finite number ≥ 0, got {value}")
+        if not self.max_grad_norm > 0:
+            raise UsageError(
+                f"hyperparameter max_grad_norm must be > 0 (δ is clipped to it), got {self.max_grad_norm}"
+            )
 
 
 class Method:
