@@ -35,6 +35,7 @@ from .models import (
     save_unet,
 )
 from .report import metrics_table, save_cosine_plot, save_sample_grid, write_report
+from .resume import check_resume, run_config
 from .sampling import SAMPLERS, sample
 from .train import train_classifier, train_unet
 
@@ -246,6 +247,23 @@ class UnlearnJob:
     seed: int = 0
     hparams: dict | None = None
 
+    def resolved_hparams(self) -> dict:
+        """Every hyperparameter the method runs with: the overrides and the defaults."""
+        return asdict(METHODS[self.method].Hyper(**(self.hparams or {})))
+
+    def config(self, **inputs) -> dict:
+        """The run's configuration as ``--resume`` compares it (see :mod:`.resume`)."""
+        return run_config(
+            self.method,
+            self.forget_class,
+            self.steps,
+            self.batch_size,
+            self.lr,
+            self.seed,
+            self.resolved_hparams(),
+            **inputs,
+        )
+
     def run(
         self,
         unet,
@@ -254,6 +272,7 @@ class UnlearnJob:
         checkpoint: str | None,
         resume: bool,
         progress: bool = True,
+        inputs: dict | None = None,
     ) -> UnlearnResult:
         return unlearn(
             self.method,
@@ -269,6 +288,7 @@ class UnlearnJob:
             checkpoint=checkpoint,
             resume=resume,
             progress=progress,
+            inputs=inputs,
         )
 
 
@@ -280,7 +300,7 @@ def result_record(job: UnlearnJob, result: UnlearnResult) -> dict:
         "steps": job.steps,
         "batch_size": job.batch_size,
         "lr": job.lr,
-        "hparams": job.hparams or {},
+        "hparams": job.resolved_hparams(),
     }
 
 
@@ -309,7 +329,10 @@ def unlearn_ddpm(
     retain, forget = split_forget(data, job.forget_class)
     state_path = os.path.join(out, "checkpoint.safetensors")
     os.makedirs(out, exist_ok=True)
-    result = job.run(unet, retain, forget, state_path, resume, progress)
+    inputs = {"data": data_spec, "base": _file_digest(checkpoint)}
+    if data_spec.startswith("imagefolder"):
+        inputs["image_size"] = image_size
+    result = job.run(unet, retain, forget, state_path, resume, progress, inputs)
     record = result_record(job, result)
     save_unet(
         os.path.join(out, "model.safetensors"),
@@ -460,7 +483,20 @@ def demo(
     os.makedirs(state_dir, exist_ok=True)
 
     # Base model: evaluated once per (checkpoint, classifier, settings, class) and cached across runs.
-    key = _eval_key(_file_digest(unet_path), _file_digest(clf_path), asdict(es), forget_class)
+    digests = {"base": _file_digest(unet_path), "classifier": _file_digest(clf_path)}
+    inputs = {"data": "digits", "base": digests["base"]}
+    jobs = {m: UnlearnJob(m, forget_class, steps, batch_size, lr, seed, hp) for m, hp in hparams.items()}
+    # A finished row is reused only if it was made with this configuration and evaluation; all are
+    # checked before anything runs.
+    configs = {
+        m: {**job.config(**inputs), "classifier": digests["classifier"], "evaluation": asdict(es)}
+        for m, job in jobs.items()
+    }
+    for m, config in configs.items():
+        done = os.path.join(state_dir, f"{m}.json")
+        if resume and os.path.isfile(done):
+            check_resume(done, read_json(done).get("config"), config, hp_prefix=f"{m}.")
+    key = _eval_key("no-fake-zeros", digests["base"], digests["classifier"], asdict(es), forget_class)
     base_cache = os.path.join(cache, f"base-eval-{key}.safetensors")
     if os.path.isfile(base_cache):
         base = load_state(base_cache)
@@ -468,7 +504,7 @@ def demo(
     else:
         metrics, images, labels = evaluate_unet(unet, clf, data, forget_class, es, "base", progress=progress)
         base = {
-            "metrics": {**metrics, "time_s": 0.0, "prep_s": 0.0, "peak_mem_mb": 0.0},
+            "metrics": metrics,  # no time or memory: the base model has no unlearning stage
             "images": images,
             "labels": labels,
         }
@@ -481,13 +517,19 @@ def demo(
             record = read_json(done)
             print(f"{method}: done in a previous run, reusing {done}", flush=True)
         else:
-            job = UnlearnJob(method, forget_class, steps, batch_size, lr, seed, hparams[method])
+            job = jobs[method]
             ckpt = os.path.join(state_dir, f"{method}.checkpoint.safetensors")
-            result = job.run(unet, retain, forget, ckpt, resume, progress)
+            result = job.run(unet, retain, forget, ckpt, resume, progress, inputs)
             save_unet(
                 os.path.join(out, "models", f"{method}.safetensors"),
                 result.unet,
-                provenance(base=unet_path, method=method, forget_class=forget_class, seed=seed),
+                provenance(
+                    base=unet_path,
+                    method=method,
+                    forget_class=forget_class,
+                    seed=seed,
+                    **result_record(job, result),
+                ),
             )
             metrics, images, labels = evaluate_unet(
                 result.unet, clf, data, forget_class, es, f"eval {method}", progress=progress
@@ -497,7 +539,11 @@ def demo(
                 {"base": (base["images"], base["labels"]), method: (images, labels)},
                 title=f"forget digit {forget_class}: base vs {method}",
             )
-            record = {"metrics": {**metrics, **result_record(job, result)}, "history": result.history}
+            record = {
+                "config": configs[method],
+                "metrics": {**metrics, **result_record(job, result)},
+                "history": result.history,
+            }
             write_json(done, record)
             if os.path.exists(ckpt):
                 os.remove(ckpt)
