@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .baselines import BASELINES, METHODS, UnlearnResult, parse_hparams, unlearn
 from .data import ImageData, check_class, load_data, split_forget
-from .errors import UsageError
+from .errors import EvaluationError, UsageError
 from .io import load_state, read_json, save_state, write_json, write_text
 from .metrics import evaluate_generated
 from .models import (
@@ -217,10 +217,19 @@ def evaluate_unet(
     inception: str | None = None,
     progress: bool = True,
 ) -> tuple[dict, Tensor, Tensor]:
-    """(metrics, samples, labels) for one model; FID/PR against the real images of the remaining classes."""
+    """(metrics, samples, labels) for one model; FID/PR against the real images of the remaining classes.
+
+    A model whose samples or features are not finite gets ``{"failed": reason}`` as its metrics (a
+    failed row in the report) instead of stopping the job.
+    """
     images, labels = generate(unet, data.num_classes, es, desc, progress)
     real = data.images[data.labels != forget_class]
-    return evaluate_generated(classifier, images, labels, real, forget_class, inception), images, labels
+    try:
+        metrics = evaluate_generated(classifier, images, labels, real, forget_class, inception)
+    except EvaluationError as e:
+        print(f"{desc}: evaluation failed: {e}", flush=True)
+        metrics = {"failed": str(e)}
+    return metrics, images, labels
 
 
 def _file_digest(path: str) -> str:
@@ -549,11 +558,12 @@ def demo(
                 os.remove(ckpt)
         results[method] = record["metrics"]
         histories[method] = record["history"]
-        print(
-            f"{method}: P(y=c_f|x_f) {results[method]['p_forget']:.3f}, remaining acc "
-            f"{results[method]['remaining_accuracy']:.3f}, FID {results[method]['fid']:.3f}",
-            flush=True,
-        )
+        if "failed" not in results[method]:
+            print(
+                f"{method}: P(y=c_f|x_f) {results[method]['p_forget']:.3f}, remaining acc "
+                f"{results[method]['remaining_accuracy']:.3f}, FID {results[method]['fid']:.3f}",
+                flush=True,
+            )
 
     figures = [f"samples_{m}.png" for m in ("erasediff", *methods)]
     if "moo" in histories:
@@ -596,6 +606,9 @@ def acceptance_notes(results: dict[str, dict]) -> list[str]:
     more than 20% (an improvement passes).
     """
     base, ed = results["base"], results["erasediff"]
+    failed = [name for name in ("base", "erasediff") if "failed" in results[name]]
+    if failed:
+        return [f"Acceptance: not checked, the evaluation of {' and '.join(failed)} failed."]
     acc_drop = base["remaining_accuracy"] - ed["remaining_accuracy"]
     fid_ratio = ed["fid"] / base["fid"]
     checks = [
