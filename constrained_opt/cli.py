@@ -380,9 +380,17 @@ def _optimizer_failure(exc: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Called with ``argv=None`` (the ``constrained-opt`` process itself), it also
+    picks torch's thread count from the CPUs that are free (:mod:`constrained_opt.threads`)."""
     from .diffusion.errors import UsageError
 
     args = build_parser().parse_args(argv)
+    if argv is None:
+        from .threads import configure_threads
+
+        note = configure_threads()
+        if note:
+            print(f"constrained-opt: {note}", file=sys.stderr)
     try:
         args.run(args)
     except UsageError as e:

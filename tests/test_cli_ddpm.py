@@ -131,13 +131,17 @@ def test_demo_rejects_unknown_baselines_before_writing(tmp_path, capsys):
 
 def test_entry_point_process_exit_codes(tmp_path):
     cmd = [sys.executable, "-m", "constrained_opt.cli"]
-    ok = subprocess.run([*cmd, "unlearn", "ddpm", "--help"], capture_output=True, text=True, check=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # no busy-machine note on stderr (test_cli_threads.py)
+    ok = subprocess.run(
+        [*cmd, "unlearn", "ddpm", "--help"], capture_output=True, text=True, check=False, env=env
+    )
     assert ok.returncode == 0 and "--forget-target" in ok.stdout
     bad = subprocess.run(
         [*cmd, *f"demo --forget-class 11 --out {tmp_path / 'x'}".split()],
         capture_output=True,
         text=True,
         check=False,
+        env=env,
     )
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "out of range" in bad.stderr
     assert not (tmp_path / "x").exists()

@@ -1,6 +1,9 @@
 """CLI errors are one line on stderr, exit status 2, never a traceback; ``--help`` shows every default."""
 
 import argparse
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -124,3 +127,27 @@ def test_help_shows_every_default():
     helps = {a.dest: demo._get_formatter()._expand_help(a) for a in demo._actions}
     for dest, default in [("seed", "0"), ("batch_size", "64"), ("lr", "0.0001"), ("guidance", "2.0")]:
         assert helps[dest].endswith(f"(default: {default})"), helps[dest]
+
+
+def test_unlearn_sd_checks_paths_before_importing_diffusers(tmp_path):
+    """``unlearn sd --model /nonexistent`` used to import diffusers, transformers and accelerate (seconds,
+    ~1 GB) before saying "model not found"; now only torch is loaded when it fails."""
+    argv = [
+        "unlearn",
+        "sd",
+        "--model",
+        str(tmp_path / "missing"),
+        "--concept",
+        "nudity",
+        "--out",
+        str(tmp_path),
+    ]
+    code = (
+        f"import sys; from constrained_opt.cli import main; code = main({argv!r}); "
+        "heavy = {m.split('.')[0] for m in sys.modules} & {'diffusers', 'transformers', 'accelerate'}; "
+        "print(code, sorted(heavy))"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert done.stdout.strip() == "2 []", done.stdout
+    assert done.stderr.strip() == f"constrained-opt: error: model not found: {tmp_path / 'missing'}"
