@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _optimizer_failure(exc: BaseException) -> bool:
     """Whether ``exc`` is the optimizer refusing a step or a setting: a :class:`ClosureError`, or a
-    ``ValueError`` raised inside the library's core (optimizer, rules, functional)."""
+    ``ValueError`` raised inside the optimizer's modules (optimizer, functional, rules, _flat)."""
     from . import optimizer
 
     if isinstance(exc, optimizer.ClosureError):
@@ -375,8 +375,12 @@ def _optimizer_failure(exc: BaseException) -> bool:
     tb = exc.__traceback__
     while tb.tb_next is not None:
         tb = tb.tb_next
+    where = os.path.abspath(tb.tb_frame.f_code.co_filename)
     core = os.path.dirname(os.path.abspath(optimizer.__file__))
-    return os.path.dirname(os.path.abspath(tb.tb_frame.f_code.co_filename)) == core
+    return os.path.dirname(where) == core and os.path.basename(where) in _OPTIMIZER_MODULES
+
+
+_OPTIMIZER_MODULES = ("optimizer.py", "functional.py", "rules.py", "_flat.py")
 
 
 def main(argv: list[str] | None = None) -> int:

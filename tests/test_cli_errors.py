@@ -151,3 +151,20 @@ def test_unlearn_sd_checks_paths_before_importing_diffusers(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert done.stdout.strip() == "2 []", done.stdout
     assert done.stderr.strip() == f"constrained-opt: error: model not found: {tmp_path / 'missing'}"
+
+
+def test_only_the_optimizers_value_errors_become_one_line(tmp_path, capsys, monkeypatch):
+    from constrained_opt.diffusion import baselines
+
+    base = ddpm_tiny.write_base(tmp_path)
+    argv = f"unlearn ddpm --forget-class 1 --checkpoint {base['unet']} --no-eval --steps 1 --batch-size 4"
+    monkeypatch.setattr(baselines.EraseDiff, "optimizer_kwargs", lambda self: {"eta": float("inf")})
+    code = run([*argv.split(), "--method", "erasediff", "--out", str(tmp_path / "a"), "--quiet"])
+    assert_one_line_error(capsys, code, "the optimizer stopped the run: eta must be a finite number")
+
+    def bug(self, retain, forget):
+        raise ValueError("a bug elsewhere")
+
+    monkeypatch.setattr(baselines.Finetune, "step", bug)
+    with pytest.raises(ValueError, match="a bug elsewhere"):  # not disguised as a user error
+        run([*argv.split(), "--method", "finetune", "--out", str(tmp_path / "b"), "--quiet"])
