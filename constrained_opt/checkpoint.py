@@ -384,15 +384,17 @@ def _check_model(path: Path, model: torch.nn.Module, saved: dict[str, torch.Tens
         )
 
 
-def _check_optimizer(
-    path: Path, optimizer: torch.optim.Optimizer, saved: Any, saved_shapes: list | None
-) -> None:
+def _check_optimizer(path: Path, optimizer: torch.optim.Optimizer, saved: Any, saved_shapes: Any) -> None:
     """Same group sizes and, for version-2 files, the same shape for every parameter."""
     try:
         stored = [len(g["params"]) for g in saved["param_groups"]]
         if not isinstance(saved["state"], dict):
             raise TypeError("its state is not a dict")
-    except (KeyError, TypeError) as exc:
+        if saved_shapes is not None:  # version 1 recorded no shapes
+            saved_shapes = [[tuple(int(n) for n in shape) for shape in group] for group in saved_shapes]
+            if [len(group) for group in saved_shapes] != stored:
+                raise ValueError("its parameter shapes do not match its param groups")
+    except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(
             f"checkpoint {path} holds a malformed optimizer state ({type(exc).__name__}: {exc}); it was "
             "not written by save_checkpoint or was edited afterwards"
@@ -403,14 +405,13 @@ def _check_optimizer(
             f"checkpoint {path} holds optimizer state for param groups of sizes {stored}, but the "
             f"optimizer has {current}; pass the same parameters, grouped the same way, as the saved run"
         )
-    if saved_shapes is None:  # version 1 recorded no shapes
+    if saved_shapes is None:
         return
-    shapes = _param_shapes(optimizer)
     differ = [
-        f"group {g} parameter {i}: saved {tuple(a)} vs optimizer {tuple(b)}"
-        for g, (saved_group, group) in enumerate(zip(saved_shapes, shapes, strict=True))
-        for i, (a, b) in enumerate(zip(saved_group, group, strict=True))
-        if list(a) != list(b)
+        f"group {g} parameter {i}: saved {a} vs optimizer {tuple(p.shape)}"
+        for g, (saved_group, group) in enumerate(zip(saved_shapes, optimizer.param_groups, strict=True))
+        for i, (a, p) in enumerate(zip(saved_group, group["params"], strict=True))
+        if a != tuple(p.shape)
     ]
     if differ:
         raise ValueError(

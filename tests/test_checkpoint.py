@@ -316,9 +316,10 @@ def drop(encoded_dict, key):
         (lambda s: s["model"].append("ghost.weight"), None),
         (lambda s: s["optimizer"].update(state={"__tensor__": "t/999"}), None),
         (lambda s: drop(s["optimizer"]["state"], "param_groups"), None),
+        (lambda s: s["optimizer"].update(param_shapes=[[1]]), None),
         (None, lambda m: m.update(version="two")),
     ],
-    ids=["json", "no-rng", "missing-tensor", "dangling-ref", "no-param-groups", "version"],
+    ids=["json", "no-rng", "missing-tensor", "dangling-ref", "no-param-groups", "shapes", "version"],
 )
 def test_malformed_metadata_gives_a_value_error_and_changes_nothing(tmp_path, edit_structure, edit_metadata):
     path = tmp_path / "ckpt.safetensors"
