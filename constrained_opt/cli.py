@@ -364,11 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _optimizer_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` is the optimizer refusing a step or a setting: a :class:`ClosureError`, or a
-    ``ValueError`` raised inside the optimizer's modules (optimizer, functional, rules, _flat)."""
+    """Whether ``exc`` is the optimizer refusing a step or a setting: a :class:`ClosureError` or
+    :class:`UpdateError`, or a ``ValueError`` raised inside the optimizer's modules (optimizer,
+    functional, rules, _flat)."""
     from . import optimizer
 
-    if isinstance(exc, optimizer.ClosureError):
+    if isinstance(exc, optimizer.ClosureError | optimizer.UpdateError):
         return True
     if not isinstance(exc, ValueError) or exc.__traceback__ is None:
         return False
