@@ -168,3 +168,28 @@ def test_only_the_optimizers_value_errors_become_one_line(tmp_path, capsys, monk
     monkeypatch.setattr(baselines.Finetune, "step", bug)
     with pytest.raises(ValueError, match="a bug elsewhere"):  # not disguised as a user error
         run([*argv.split(), "--method", "finetune", "--out", str(tmp_path / "b"), "--quiet"])
+
+
+def test_sd_generate_checks_its_inputs_before_loading_a_pipeline(tmp_path, capsys):
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")  # never read: the checks come first
+    out = tmp_path / "out"
+    for model, extra, needle in [
+        (tmp_path / "missing", "", "model not found"),
+        (tmp_path / "pipe", "--resolution 12", "--resolution must be a multiple of 8"),
+    ]:
+        code = run(
+            [
+                "sd",
+                "generate",
+                "--model",
+                str(model),
+                "--prompts",
+                "nudity",
+                "--out",
+                str(out),
+                *extra.split(),
+            ]
+        )
+        assert_one_line_error(capsys, code, needle)
+    assert not out.exists()

@@ -214,8 +214,13 @@ def _sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
 
         from ..ddpm import check_output_dir, resolve_device
         from .evaluate import BUILTIN_PROMPTS, builtin_prompt_rows, generate_images, read_prompt_csv
-        from .loading import load_pipeline
+        from .loading import check_model_arg, load_pipeline
 
+        check_model_arg(args.model, args.config, args.original_config, args.offline)
+        if args.resolution is not None and args.resolution % 8:
+            raise UsageError(
+                f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {args.resolution}"
+            )
         if args.unet and not os.path.isfile(os.path.join(args.unet, "config.json")):
             raise UsageError(f"{args.unet} is not a diffusers UNet folder (no config.json)")
         if args.prompts in BUILTIN_PROMPTS:
