@@ -193,3 +193,14 @@ def test_sd_generate_checks_its_inputs_before_loading_a_pipeline(tmp_path, capsy
         )
         assert_one_line_error(capsys, code, needle)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"num_steps": 0}, {"num_steps": 1001}, {"guidance": float("nan")}, {"per_class": 3}]
+)
+def test_eval_settings_refuse_what_the_cli_refuses(kwargs):
+    from constrained_opt.diffusion.ddpm import EvalSettings
+    from constrained_opt.diffusion.errors import UsageError
+
+    with pytest.raises(UsageError):
+        EvalSettings(**kwargs)

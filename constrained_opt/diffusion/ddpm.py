@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -36,7 +37,7 @@ from .models import (
 )
 from .report import metrics_table, save_cosine_plot, save_sample_grid, write_report
 from .resume import check_resume, run_config
-from .sampling import SAMPLERS, sample
+from .sampling import NUM_TRAIN_TIMESTEPS, SAMPLERS, sample
 from .train import train_classifier, train_unet
 
 METRIC_KEYS = (
@@ -66,6 +67,10 @@ class EvalSettings:
             raise UsageError(f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLERS)}")
         if self.per_class < 4:
             raise UsageError("need at least 4 evaluation samples per class (k = 3 precision/recall)")
+        if not 1 <= self.num_steps <= NUM_TRAIN_TIMESTEPS:
+            raise UsageError(f"sampling steps must be in [1, {NUM_TRAIN_TIMESTEPS}], got {self.num_steps}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise UsageError(f"guidance must be a finite number ≥ 0, got {self.guidance}")
 
 
 def resolve_device(name: str) -> torch.device:
