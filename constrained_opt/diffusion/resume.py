@@ -90,6 +90,8 @@ def check_resume(
     keys = [
         k for k in dict.fromkeys([*flat_saved, *flat_current]) if flat_saved.get(k) != flat_current.get(k)
     ]
+    if "method" in keys:  # another method's hyperparameters are not comparable
+        keys = [k for k in keys if not k.startswith("hparams.")]
     note = None
     if done is not None and "steps" in keys:
         keys.remove("steps")
