@@ -16,6 +16,7 @@ so both problems see exactly the same images and the per-class one splits each b
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterable
 
 import torch
@@ -39,6 +40,18 @@ def parse_classes(spec: str) -> tuple[int, ...]:
         ) from None
     if len(set(classes)) != len(classes):
         raise UsageError(f"--forget-class lists a class twice: {spec!r}")
+    return classes
+
+
+def class_list(text: str) -> tuple[int, ...]:
+    """argparse ``type=`` for ``--forget-class``: :func:`parse_classes`, each index ≥ 0, failing while
+    parsing with one line."""
+    try:
+        classes = parse_classes(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if min(classes) < 0:
+        raise argparse.ArgumentTypeError(f"class indices are ≥ 0, got {text!r}")
     return classes
 
 
