@@ -390,11 +390,16 @@ def parse_hparams(method: str, pairs: list[str]) -> dict[str, Any]:
 VARIANTS: dict[str, type[Method]] = {EraseDiffPerClass.name: EraseDiffPerClass}
 
 
-def make_method(name: str, setup: Setup, hparams: dict[str, Any]) -> Method:
-    """Instantiate method ``name``; unknown names and invalid values raise :class:`UsageError`."""
+def method_class(name: str) -> type[Method]:
+    """The class of method (or variant) ``name``; unknown names raise :class:`UsageError`."""
     if name not in METHODS and name not in VARIANTS:
         raise UsageError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
-    return (METHODS.get(name) or VARIANTS[name])(setup, **hparams)
+    return METHODS.get(name) or VARIANTS[name]
+
+
+def make_method(name: str, setup: Setup, hparams: dict[str, Any]) -> Method:
+    """Instantiate method ``name``; unknown names and invalid values raise :class:`UsageError`."""
+    return method_class(name)(setup, **hparams)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from .baselines import BASELINES, METHODS, UnlearnResult, parse_hparams, unlearn
+from .baselines import BASELINES, METHODS, UnlearnResult, method_class, parse_hparams, unlearn
 from .data import ImageData, check_class, load_data, split_forget
 from .errors import EvaluationError, UsageError
 from .io import load_state, read_json, save_state, write_json, write_text
@@ -264,7 +264,7 @@ class UnlearnJob:
 
     def resolved_hparams(self) -> dict:
         """Every hyperparameter the method runs with: the overrides and the defaults."""
-        return asdict(METHODS[self.method].Hyper(**(self.hparams or {})))
+        return asdict(method_class(self.method).Hyper(**(self.hparams or {})))
 
     def config(self, **inputs) -> dict:
         """The run's configuration as ``--resume`` compares it (see :mod:`.resume`)."""
