@@ -308,7 +308,8 @@ def _authors_step(res: dict, suffix: str) -> list[str]:
         "(`autograd.grad` of q, of L_r, then `backward` of L_r + λq), the pseudo-label target recomputed",
         "with autograd recording, and `empty_cache()` + `gc.collect()` after each stage. Same math: one",
         "step of each from the same θ (dropout off, SGD lr 1 as the base) gives updates that differ by",
-        "the relative amount in the last column. `authors_k1` runs the inner step inside every step",
+        "the relative amount in the last column (fp32 rounding: their `torch.sum`/`linalg.norm` over n",
+        "accumulate differently from our blocked Gram). `authors_k1` runs the inner step inside every step",
         "(Algorithm 1, as ours with K = 1); `authors_outer` is their outer step alone (their loop amortises",
         "the inner phase over ≈ 35 outer steps), against ours with K = 0, the same update under this rule.",
         f"Times: medians (and fastest) of {res['rounds']} interleaved rounds; peak memory: "
