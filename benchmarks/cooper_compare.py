@@ -194,5 +194,17 @@ def run(device: torch.device, smoke: bool) -> dict:
         "splits": splits,
         "pass_budget": budget,
         "table": table,
-        "curves": {name: [r["curve"] for r in runs] for name, runs in methods.items()},
+        "curves": {name: mean_curve(runs) for name, runs in methods.items()},
+    }
+
+
+def mean_curve(runs: list[dict]) -> dict[str, list[float]]:
+    """The checkpoints' forward passes and the training violation and BCE averaged over the splits."""
+    curves = [r["curve"] for r in runs]
+    return {
+        "passes": [p["passes"] for p in curves[0]],
+        **{
+            key: [statistics.mean(c[i][key] for c in curves) for i in range(len(curves[0]))]
+            for key in ("train_violation", "train_bce")
+        },
     }
