@@ -155,13 +155,22 @@ def _demo(p: argparse.ArgumentParser) -> Runner:
 
 @command("train-base", "train the base class-conditional DDPM and/or the evaluation classifier (seeded)")
 def _train_base(p: argparse.ArgumentParser) -> Runner:
-    p.add_argument("--data", default="digits", help="digits | cifar10:PATH | imagefolder:PATH")
-    p.add_argument("--what", choices=("unet", "classifier", "both"), default="both")
+    p.add_argument("--data", default="digits", help="digits | mnist5k | cifar10:PATH | imagefolder:PATH")
+    p.add_argument(
+        "--what", choices=("unet", "classifier", "both"), help="default both (unet with --exclude-class)"
+    )
+    p.add_argument(
+        "--exclude-class",
+        type=int,
+        help="train the UNet without this class (the Retrain reference), same seeded recipe",
+    )
     p.add_argument("--steps", type=int, default=3000, help="UNet training steps (default %(default)s)")
     p.add_argument("--classifier-steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3, help="UNet Adam learning rate (default %(default)s)")
-    p.add_argument("--preset", help="UNet preset: digits, cifar10 (the paper's), tiny (default: by dataset)")
+    p.add_argument(
+        "--preset", help="UNet preset: digits, mnist, cifar10 (the paper's), tiny (default: by dataset)"
+    )
     p.add_argument("--image-size", type=int, default=32, help="imagefolder resize (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output directory (default runs/base-<dataset>)")
@@ -170,11 +179,17 @@ def _train_base(p: argparse.ArgumentParser) -> Runner:
     def run(args: argparse.Namespace) -> None:
         from .diffusion.ddpm import train_base
 
-        out = args.out or f"runs/base-{args.data.partition(':')[0]}"
+        kind = args.data.partition(":")[0]
+        out = args.out or (
+            f"runs/base-{kind}"
+            if args.exclude_class is None
+            else f"runs/retrain-{kind}-c{args.exclude_class}"
+        )
         written = train_base(
             args.data,
             out,
-            what=args.what,
+            what=args.what or ("both" if args.exclude_class is None else "unet"),
+            exclude_class=args.exclude_class,
             unet_steps=args.steps,
             classifier_steps=args.classifier_steps,
             batch_size=args.batch_size,
@@ -206,7 +221,7 @@ def _unlearn_ddpm(p: argparse.ArgumentParser) -> Runner:
 
     p.add_argument("--method", required=True, choices=tuple(METHODS))
     p.add_argument("--forget-class", type=int, required=True)
-    p.add_argument("--data", default="digits", help="digits | cifar10:PATH | imagefolder:PATH")
+    p.add_argument("--data", default="digits", help="digits | mnist5k | cifar10:PATH | imagefolder:PATH")
     p.add_argument("--checkpoint", help="base UNet checkpoint (default for digits: the shipped one)")
     p.add_argument(
         "--classifier", help="evaluation classifier; when given (or digits), metrics.json is written"
@@ -274,7 +289,7 @@ def _evaluate(p: argparse.ArgumentParser) -> Runner:
         help="a checkpoint to evaluate (repeatable; the first is the reference, e.g. base=...)",
     )
     p.add_argument("--forget-class", type=int, required=True)
-    p.add_argument("--data", default="digits", help="digits | cifar10:PATH | imagefolder:PATH")
+    p.add_argument("--data", default="digits", help="digits | mnist5k | cifar10:PATH | imagefolder:PATH")
     p.add_argument("--classifier", help="evaluation classifier (default for digits: the shipped one)")
     p.add_argument("--inception-weights", help="torch-fidelity Inception-v3 weights: adds Inception FID")
     p.add_argument("--image-size", type=int, default=32)

@@ -133,15 +133,28 @@ def train_base(
     preset: str | None = None,
     seed: int = 0,
     image_size: int = 32,
+    exclude_class: int | None = None,
     device: str = "auto",
     progress: bool = True,
 ) -> dict[str, str]:
     """Train the base DDPM and/or the evaluation classifier; writes ``unet.safetensors``,
-    ``classifier.safetensors`` and ``provenance.json`` into ``out``. Returns the written paths."""
+    ``classifier.safetensors`` and ``provenance.json`` into ``out``. Returns the written paths.
+
+    ``exclude_class = c`` trains the UNet on D \\ D_c with the same seeded recipe: the *Retrain*
+    reference of unlearning (the model that never saw class c). The evaluation classifier must see
+    every class, so it cannot be combined with ``what`` = classifier/both.
+    """
     check_steps(min(unet_steps, classifier_steps), batch_size)
+    if exclude_class is not None and what != "unet":
+        raise UsageError(
+            "--exclude-class trains a Retrain UNet only (the evaluation classifier must see every class); "
+            "use --what unet"
+        )
     check_output_dir(out)
     dev = resolve_device(device)
     data = load_data(data_spec, image_size)
+    if exclude_class is not None:
+        check_class(exclude_class, data.num_classes)
     preset = preset or default_preset(data.name)
     if preset not in UNET_PRESETS:
         raise UsageError(f"unknown model preset {preset!r}; expected one of {', '.join(UNET_PRESETS)}")
@@ -161,8 +174,9 @@ def train_base(
         written["classifier"] = os.path.join(out, "classifier.safetensors")
         save_classifier(written["classifier"], classifier.cpu(), record["classifier"])
     if what in ("unet", "both"):
+        unet_data = data if exclude_class is None else split_forget(data, exclude_class)[0]
         unet = train_unet(
-            data,
+            unet_data,
             preset=preset,
             steps=unet_steps,
             batch_size=batch_size,
@@ -181,6 +195,7 @@ def train_base(
             label_dropout=0.1,
             ema_decay=0.999,
             parameters=sum(p.numel() for p in unet.parameters()),
+            **({} if exclude_class is None else {"exclude_class": exclude_class, "images": len(unet_data)}),
         )
         written["unet"] = os.path.join(out, "unet.safetensors")
         save_unet(written["unet"], unet.cpu(), record["unet"])

@@ -35,6 +35,16 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
         norm_num_groups=8,
         attention_head_dim=8,
     ),
+    # 28×28 (mnist5k): ~0.69M parameters, three levels 28→14→7 with attention at 7×7. The 16-channel
+    # first level keeps a batch-64 training step near 0.6 s on one CPU thread (32 channels: ~3× that).
+    "mnist": dict(
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+    ),
     # The paper's (and SA's) CIFAR-10 DDPM: ch 128, ch_mult (1,2,2,2), 2 res blocks, attention at 16×16.
     "cifar10": dict(
         block_out_channels=(128, 256, 256, 256),
@@ -57,7 +67,7 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def default_preset(data_name: str) -> str:
-    return "digits" if data_name == "digits" else "cifar10"
+    return {"digits": "digits", "mnist5k": "mnist"}.get(data_name, "cifar10")
 
 
 def build_unet(preset: str, image_shape: tuple[int, int, int], num_classes: int):
