@@ -230,7 +230,7 @@ def test_report_table_and_figures(tmp_path):
 def test_every_method_changes_a_copy_of_the_model(method, digits, tiny_unet):
     retain, forget = split_forget(digits, 0)
     before = {k: v.clone() for k, v in tiny_unet.state_dict().items()}
-    hp = {"samples_per_class": 4} if method == "sa" else {}
+    hp = {"samples_per_class": 2, "sampler": "ddim", "fisher_stride": 250} if method == "sa" else {}
     result = baselines.unlearn(
         method,
         tiny_unet,
@@ -259,7 +259,9 @@ def test_hyperparameters_are_typed_and_validated():
     bad = {
         "erasediff": (["alpha=1"], ["eta"], ["eta=big"], ["forget_target=blue"], ["inner_steps=-1"]),
         "moo": (["forget_target=blue"], ["forget_weight=-2"]),
-        "salun": (["keep=0"], ["keep=1.5"]),
+        "salun": (["keep=0"], ["keep=1.5"], ["label_dropout=2"]),
+        "sa": (["fisher_input=pixels"], ["sampler=euler"], ["n_chunks=0"], ["fisher_stride=0"]),
+        "erasediff_shared_adam": (["inner_steps=-1"],),
     }
     for method, cases in bad.items():
         for pairs in cases:
