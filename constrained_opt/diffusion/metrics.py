@@ -6,13 +6,21 @@
 - FID: torchmetrics ``FrechetInceptionDistance`` with the evaluation classifier's penultimate layer
   as ``feature`` — "FID (classifier features)" — or Inception-v3 when the user supplies its weights.
 - Improved precision/recall (Kynkäänniemi et al. 2019, k = 3) on the same features.
+
+Statistics: :func:`mean_ci95` (Student-t interval over seeds), :func:`bootstrap_ci95` (percentile
+interval over resampled evaluation samples, for a single seed) and :func:`real_split_floor` (the
+metrics between two disjoint halves of the real data: how far apart two samples of the *same*
+distribution already are).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import statistics
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -187,6 +195,60 @@ class PeakMemory:
         self._final = self.peak_mb
 
 
+METRICS = ("p_forget", "forget_entropy", "remaining_accuracy", "fid", "precision", "recall")
+
+
+@dataclass
+class SampleScores:
+    """Per-sample quantities every metric is computed from: class probabilities of the generated
+    images, their conditioning labels, and classifier features of the generated remaining-class images
+    and of the real ones."""
+
+    probs: Tensor
+    labels: Tensor
+    features: Tensor
+    real_features: Tensor
+    forget_class: int
+
+
+def score_samples(
+    classifier, samples: Tensor, labels: Tensor, real: Tensor, forget_class: int
+) -> SampleScores:
+    feature = classifier_features(classifier)
+    keep = labels != forget_class
+    return SampleScores(
+        classifier_probs(classifier, samples), labels, feature(samples[keep]), feature(real), forget_class
+    )
+
+
+def identity_features(num_features: int) -> FeatureExtractor:
+    """A feature module that passes precomputed features through (FID on stored features)."""
+    return FeatureExtractor(lambda x: x, num_features)
+
+
+def metrics_from_scores(s: SampleScores, index: Tensor | None = None) -> dict[str, float]:
+    """The six quality/erasure figures from ``s`` (or from the generated samples at ``index``, with
+    repetition: a bootstrap resample)."""
+    probs, labels = s.probs, s.labels
+    features = s.features
+    if index is not None:
+        probs, labels = probs[index], labels[index]
+        position = torch.cumsum(s.labels != s.forget_class, 0) - 1  # row of each sample in `features`
+        kept = index[s.labels[index] != s.forget_class]
+        features = s.features[position[kept]]
+    is_forget = labels == s.forget_class
+    p_forget, entropy = forget_scores(probs[is_forget], s.forget_class)
+    precision, recall = precision_recall(s.real_features, features)
+    return {
+        "p_forget": p_forget,
+        "forget_entropy": entropy,
+        "remaining_accuracy": accuracy(probs[~is_forget], labels[~is_forget]),
+        "fid": fid(s.real_features, features, identity_features(features.shape[1])),
+        "precision": precision,
+        "recall": recall,
+    }
+
+
 def evaluate_generated(
     classifier,
     samples: Tensor,
@@ -200,20 +262,68 @@ def evaluate_generated(
     ``real`` holds real images of the remaining classes; FID and precision/recall compare them with the
     samples generated for the remaining classes.
     """
-    probs = classifier_probs(classifier, samples)
-    is_forget = labels == forget_class
-    p_forget, entropy = forget_scores(probs[is_forget], forget_class)
-    generated = samples[~is_forget]
-    feature = classifier_features(classifier)
-    precision, recall = precision_recall(feature(real), feature(generated))
-    out = {
-        "p_forget": p_forget,
-        "forget_entropy": entropy,
-        "remaining_accuracy": accuracy(probs[~is_forget], labels[~is_forget]),
-        "fid": fid(real, generated, feature),
-        "precision": precision,
-        "recall": recall,
-    }
+    out = metrics_from_scores(score_samples(classifier, samples, labels, real, forget_class))
     if inception_weights:
-        out["fid_inception"] = inception_fid(real, generated, inception_weights)
+        out["fid_inception"] = inception_fid(real, samples[labels != forget_class], inception_weights)
     return out
+
+
+# Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (standard table values); the
+# normal quantile beyond. Hard-coded because scipy is not a runtime dependency.
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def t975(df: int) -> float:
+    return _T975[df - 1] if df <= len(_T975) else 1.960
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% Student-t interval of the mean); half-width NaN for one value."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan
+    return mean, t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def bootstrap_ci95(scores: SampleScores, rounds: int = 200, seed: int = 0) -> dict[str, float]:
+    """Half-widths of 95% percentile bootstrap intervals of every metric over the evaluation samples.
+
+    Each round redraws the generated samples with replacement within each class (so every class keeps
+    its count) and recomputes the metrics; the real images are held fixed (every model is compared
+    with the same real set). Half-width = (q97.5 − q2.5) / 2.
+    """
+    g = torch.Generator().manual_seed(seed)
+    groups = [torch.nonzero(scores.labels == c).flatten() for c in scores.labels.unique()]
+    draws: dict[str, list[float]] = {k: [] for k in METRICS}
+    for _ in range(rounds):
+        index = torch.cat([grp[torch.randint(len(grp), (len(grp),), generator=g)] for grp in groups])
+        for k, v in metrics_from_scores(scores, index).items():
+            draws[k].append(v)
+    out = {}
+    for k, values in draws.items():
+        q = torch.quantile(
+            torch.tensor(values, dtype=torch.float64), torch.tensor([0.025, 0.975], dtype=torch.float64)
+        )
+        out[k] = float(q[1] - q[0]) / 2
+    return out
+
+
+def real_split_floor(real_features: Tensor, rounds: int = 10, seed: int = 0) -> dict[str, dict[str, float]]:
+    """FID, precision and recall between two random disjoint halves of the real features, over
+    ``rounds`` splits: ``{metric: {"mean": …, "sd": …}}``. Two samples of one distribution score this
+    far from perfect, so model differences below it are not resolved by that metric at this size."""
+    g = torch.Generator().manual_seed(seed)
+    half = len(real_features) // 2
+    draws: dict[str, list[float]] = {"fid": [], "precision": [], "recall": []}
+    for _ in range(rounds):
+        perm = torch.randperm(len(real_features), generator=g)
+        a, b = real_features[perm[:half]], real_features[perm[half:]]
+        precision, recall = precision_recall(a, b)
+        draws["fid"].append(fid(a, b, identity_features(a.shape[1])))
+        draws["precision"].append(precision)
+        draws["recall"].append(recall)
+    return {k: {"mean": statistics.fmean(v), "sd": statistics.stdev(v)} for k, v in draws.items()}

@@ -24,6 +24,15 @@ ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 SHIPPED_UNET = os.path.join(ASSETS, "digits_unet.safetensors")
 SHIPPED_CLASSIFIER = os.path.join(ASSETS, "digits_classifier.safetensors")
 
+
+def shipped(data: str, what: str, forget_class: int | None = None) -> str | None:
+    """Path of a checkpoint shipped in ``assets/`` (``what``: unet, classifier, or retrain for a
+    forget class), or None when none ships. Names: ``<data>_unet``, ``<data>_classifier``,
+    ``<data>_retrain_c<C>`` (``.safetensors``); see assets/README.md for how each was made."""
+    name = f"{data}_retrain_c{forget_class}" if what == "retrain" else f"{data}_{what}"
+    path = os.path.join(ASSETS, f"{name}.safetensors")
+    return path if os.path.isfile(path) else None
+
 # UNet2DModel keyword presets; sample_size, channels and num_class_embeds come from the data.
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     # ~0.65M parameters, one attention block (the mid block); trains in ~4 min on 2 CPU cores.

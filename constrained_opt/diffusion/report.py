@@ -28,7 +28,10 @@ COLUMNS = (
 )
 DISPLAY = {
     "base": "Unscrubbed (base)",
+    "retrain": "Retrain (no class c_f)",
     "erasediff": "EraseDiff",
+    "erasediff_shared_adam": "EraseDiff, inner steps via outer Adam",
+    "moo_matched": "MOO, w = EraseDiff's mean λ",
     "finetune": "Finetune (FT)",
     "neggrad": "NegGrad (NG)",
     "moo": "MOO (scalarised Eq. 3)",
@@ -37,21 +40,44 @@ DISPLAY = {
 }
 
 
-def _cell(value, fmt: str) -> str:
+def _cell(value, fmt: str, half=None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    return fmt.format(value)
+    if half is None or (isinstance(half, float) and math.isnan(half)):
+        return fmt.format(value)
+    return f"{fmt.format(value)} ± {fmt.format(half)}"
 
 
-def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
-    """Markdown table, one row per model, only the columns some model has."""
+def metrics_table(metrics: dict[str, dict]) -> str:
+    """Markdown table, one row per model, only the columns some model has; ``mean ± half-width`` where
+    the row has a 95% interval (``ci95``)."""
     cols = [c for c in COLUMNS if any(c[0] in m for m in metrics.values())]
     lines = [
         "| Model | " + " | ".join(title for _, title, _ in cols) + " |",
         "|---|" + "---:|" * len(cols),
     ]
     for name, m in metrics.items():
-        cells = [_cell(m.get(key), fmt) for key, _, fmt in cols]
+        cells = [_cell(m.get(key), fmt, m.get("ci95", {}).get(key)) for key, _, fmt in cols]
+        lines.append(f"| {DISPLAY.get(name, name)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+GAP_COLUMNS = [c for c in COLUMNS if c[0] in ("p_forget", "remaining_accuracy", "fid", "precision", "recall")]
+
+
+def gap_table(metrics: dict[str, dict]) -> str:
+    """|metric − Retrain's| per model and metric (as SalUn's tables report the gap to Retrain), with
+    95% half-widths where known; empty when there is no Retrain row."""
+    rows = {name: m for name, m in metrics.items() if "gap_to_retrain" in m}
+    if not rows:
+        return ""
+    lines = [
+        "| Gap to Retrain | " + " | ".join(title.rstrip(" ↑↓") for _, title, _ in GAP_COLUMNS) + " |",
+        "|---|" + "---:|" * len(GAP_COLUMNS),
+    ]
+    for name, m in rows.items():
+        gaps, halves = m["gap_to_retrain"], m.get("gap_ci95", {})
+        cells = [_cell(gaps.get(key), fmt, halves.get(key)) for key, _, fmt in GAP_COLUMNS]
         lines.append(f"| {DISPLAY.get(name, name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -126,6 +152,9 @@ def render_report(
     lines = [f"# {title}", "", "## Settings", ""]
     lines += [f"- {k}: `{v}`" for k, v in settings.items()]
     lines += ["", "## Results", "", metrics_table(metrics)]
+    gaps = gap_table(metrics)
+    if gaps:
+        lines += ["", gaps]
     lines += [f"- {n}" for n in notes]
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
