@@ -33,6 +33,7 @@ def shipped(data: str, what: str, forget_class: int | None = None) -> str | None
     path = os.path.join(ASSETS, f"{name}.safetensors")
     return path if os.path.isfile(path) else None
 
+
 # UNet2DModel keyword presets; sample_size, channels and num_class_embeds come from the data.
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     # ~0.65M parameters, one attention block (the mid block); trains in ~4 min on 2 CPU cores.
