@@ -15,14 +15,28 @@ import torch
 
 from .common import RESULTS, write_result
 
-ITEMS = ("step_overhead", "projection", "memory", "unlearning", "sa_budget")
+ITEMS = (
+    "step_overhead",
+    "projection",
+    "memory",
+    "unlearning",
+    "sa_budget",
+    "comparison",
+    "ablation",
+    "comparison_mnist5k",
+)
 DEFAULT = ITEMS[:4]
+MODULE = {"ablation": "comparison", "comparison_mnist5k": "comparison"}  # items sharing a module
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--only", nargs="+", choices=ITEMS, default=list(DEFAULT), help="default: all but sa_budget (~1 h)"
+        "--only",
+        nargs="+",
+        choices=ITEMS,
+        default=list(DEFAULT),
+        help="default: the first four (sa_budget and the comparison items take hours on a CPU)",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; no docs update")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -30,12 +44,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-docs", action="store_true", help="do not regenerate docs/benchmarks.md")
     parser.add_argument("--rounds", type=int, help="step_overhead: repetitions per configuration")
     parser.add_argument("--cifar-ks", type=int, nargs="+", help="step_overhead: K values for the 35.7M model")
+    parser.add_argument(
+        "--work",
+        default="runs/benchmarks",
+        help="comparison items: folder for the demo outputs (models, samples; resumable)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     suffix = f"_{device.type}" if device.type != "cpu" else ""
     for item in args.only:
-        module = importlib.import_module(f".{item}", __package__)
+        module = importlib.import_module(f".{MODULE.get(item, item)}", __package__)
         extra = {"rounds": args.rounds, "cifar_ks": args.cifar_ks} if item == "step_overhead" else {}
+        if module.__name__.endswith(".comparison"):
+            extra = {"config": item, "work": args.work}
         payload = module.run(device, args.smoke, **extra)
         command = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
         meta = {"device": str(device), "smoke": args.smoke, "command": command}
