@@ -81,6 +81,23 @@ def command(name: str, config: dict, work: str) -> str:
     return " ".join(parts)
 
 
+def _commit() -> str | None:
+    """The repository's HEAD commit when run from a git checkout (provenance of the stored results)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=os.path.dirname(__file__),
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip()
+
+
 def run(device: torch.device, smoke: bool, config: str = "comparison", work: str = "runs/benchmarks") -> dict:
     from constrained_opt.diffusion.ddpm import EvalSettings, demo
     from constrained_opt.diffusion.report import gap_table, metrics_table
@@ -112,6 +129,7 @@ def run(device: torch.device, smoke: bool, config: str = "comparison", work: str
         floor = json.load(f)
     return {
         "config": config,
+        "code_commit": _commit(),
         "demo_command": command(config, cfg, work),
         "work": out,
         "metrics": summary,
