@@ -63,7 +63,7 @@ from .losses import (
     unet_eps,
 )
 from .metrics import PeakMemory
-from .models import null_class
+from .models import ASSETS, null_class
 from .sampling import SAMPLERS, make_scheduler, sample
 
 # Published (steps, batch size) per method: the EraseDiff paper §8 ("batch size 128, lr 1e-4, around
@@ -460,10 +460,12 @@ class SelectiveAmnesia(Method):
         s, n = self.s, self.per_class(retain, forget)
         settings = {k: v for k, v in dataclasses.asdict(self.hp).items() if k not in ("gamma", "lam")}
         key = hashlib.sha256(f"{model_digest(s.unet)}{sorted(settings.items())}{n}".encode()).hexdigest()[:16]
-        path = os.path.join(s.cache, f"sa-prep-{key}.safetensors") if s.cache else None
+        name = f"sa-prep-{key}.safetensors"
+        path = os.path.join(s.cache, name) if s.cache else None
+        stored = [p for p in (path, os.path.join(ASSETS, name)) if p and os.path.isfile(p)]
         info = None
-        if path and os.path.isfile(path):
-            prep = load_state(path)
+        if stored:  # computed before, or shipped for a shipped base model (assets/README.md)
+            prep = load_state(stored[0])
             info = {"prep_s": prep["prep_s"], "prep_cached": True}
         else:
             t0 = time.perf_counter()
