@@ -92,7 +92,7 @@ def test_demo_over_seeds_reports_means_and_intervals(base, tmp_path):
         assert row["n_seeds"] == 2 and row["ci95"].keys() >= {"p_forget", "fid"}
         values = [seed[label]["fid"] for seed in per_seed]
         assert row["fid"] == pytest.approx(sum(values) / 2)
-        assert row["ci95"]["fid"] == pytest.approx(12.706 * abs(values[0] - values[1]) / 2)  # t₁ · sd/√2
+        assert row["ci95"]["fid"] == pytest.approx(12.706205 * abs(values[0] - values[1]) / 2)  # t₁ · sd/√2
     assert (out / "seed1" / "models" / "ed_k2.safetensors").exists()
     history = json.loads((out / "seed0" / "state" / "erasediff.json").read_text())["history"]
     matched = json.loads((out / "seed0" / "state" / "moo_matched.json").read_text())["metrics"]

@@ -160,7 +160,7 @@ def aggregate(per_seed: list[dict[str, dict]], histories: dict[str, list[list[di
                 row["gap_ci95"] = {k: mean_ci95(v)[1] for k, v in gaps.items()}
             elif "ci95" in records[0] and "ci95" in per_seed[0]["retrain"]:
                 h, h_r = records[0]["ci95"], per_seed[0]["retrain"]["ci95"]
-                row["gap_ci95"] = {k: math.hypot(h[k], h_r[k]) for k in METRICS}
+                row["gap_ci95"] = {k: math.hypot(h[k], h_r[k]) for k in METRICS if k in h and k in h_r}
         lam = lambda_summary(histories.get(label, []))
         if lam:
             row["lambda"] = lam
