@@ -7,7 +7,14 @@ The core needs only torch and numpy; the diffusion applications live in
 from . import rules
 from .checkpoint import load_checkpoint, save_checkpoint
 from .functional import Gram, gram, kkt_direction, kkt_multiplier, kkt_solve
-from .optimizer import ClosureError, Closures, StepStats, UpdateError, ValueFunctionBilevelOptimizer
+from .optimizer import (
+    ClosureError,
+    Closures,
+    MicroBatches,
+    StepStats,
+    UpdateError,
+    ValueFunctionBilevelOptimizer,
+)
 from .rules import Combination, Geometry, Rule
 
 __all__ = [
@@ -16,6 +23,7 @@ __all__ = [
     "Combination",
     "Geometry",
     "Gram",
+    "MicroBatches",
     "Rule",
     "StepStats",
     "UpdateError",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,23 @@ class Closures(NamedTuple):
 
     retain: Closure
     constraints: Closure | Sequence[Closure] | Mapping[str, Closure]
+
+
+class MicroBatches:
+    """A closure over several micro-batches, for gradient accumulation: ``MicroBatches([c_1, ..., c_n])``
+    stands for the mean loss (1/n)·Σ c_j(). Pass it wherever a closure goes. The optimizer calls the parts
+    one at a time and differentiates each (times 1/n) before calling the next, so only one micro-batch's
+    graph is alive at once; each part must use the same micro-batch at every call within a step (as any
+    closure must). Called directly, it returns the mean loss with every graph alive."""
+
+    def __init__(self, parts: Sequence[Closure]) -> None:
+        parts = tuple(parts)
+        if not parts or not all(callable(c) for c in parts):
+            raise TypeError("MicroBatches needs a non-empty sequence of closures returning scalar losses")
+        self.parts = parts
+
+    def __call__(self) -> Tensor:
+        return sum(c() for c in self.parts) / len(self.parts)
 
 
 @dataclass(frozen=True)
@@ -284,6 +302,10 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
         self.projection = projection
         self.max_grad_norm = max_grad_norm
         self.grad_scaler = grad_scaler
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            # GradScaler.step (accelerate's fp16 path) checks that the scale exists before calling this
+            # step, which is where it would otherwise be created (GradScaler.scale creates it lazily).
+            grad_scaler.scale(torch.zeros((), device=grad_scaler._device))
         self.process_group = process_group
         self._steps = 0
         self._layout: FlatLayout | None = None
@@ -373,14 +395,59 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
     def steps_taken(self) -> int:
         return self._steps
 
+    # ------------------------------------------------------------------ GradScaler.step and accelerate
+    # ``torch.amp.GradScaler.step(opt, *args)`` lets an optimizer that sets ``_step_supports_amp_scaling``
+    # scale by itself: it calls ``opt.step(*args)`` directly and leaves ``update()`` to its own caller.
+    # It passes itself as ``grad_scaler=`` when ``step``'s signature has that keyword. accelerate's
+    # ``AcceleratedOptimizer`` (mixed_precision="fp16") calls ``scaler.step(opt, closure)`` then
+    # ``scaler.update()``, but first replaces ``opt.step`` with a ``(*args, **kwargs)`` wrapper, so the
+    # scaler takes its other path: it sets ``opt.grad_scale``/``opt.found_inf`` for the duration of the
+    # call and passes nothing. A closure optimizer computes its gradients inside ``step``, so neither the
+    # scaler's pre-step inf check nor ``found_inf`` means anything here: the step scales its own losses
+    # with the scaler's scale and records its own overflow for the caller's ``update()``.
+    _step_supports_amp_scaling = True
+    last_stats: StepStats | None = None
+
+    def _scaler_of_this_step(
+        self, grad_scaler: torch.amp.GradScaler | None
+    ) -> tuple[torch.amp.GradScaler | None, bool]:
+        """(the GradScaler to scale this step's losses with, whether ``GradScaler.step`` is the caller,
+        which then updates the scale itself)."""
+        _check_no_accelerate_accumulation()
+        if grad_scaler is not None:
+            if self.grad_scaler is not None and grad_scaler is not self.grad_scaler:
+                raise ValueError(
+                    "step was given a grad_scaler other than the one this optimizer was built with; use one "
+                    "GradScaler (with accelerate: grad_scaler=accelerator.scaler)"
+                )
+            return grad_scaler, True
+        if "grad_scale" in self.__dict__:  # set by GradScaler.step for this call (accelerate's path)
+            if self.grad_scaler is None:
+                raise ValueError(
+                    "this step is called by GradScaler.step (accelerate with mixed_precision='fp16'), which "
+                    "does not hand over the scaler: build the optimizer with grad_scaler=accelerator.scaler "
+                    "so it can scale its losses and report overflows to that scaler"
+                )
+            return self.grad_scaler, True
+        return self.grad_scaler, False
+
     # ------------------------------------------------------------------ the step
-    def step(self, retain_closure: Any = None, forget_closure: Any = None) -> StepStats:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self,
+        retain_closure: Any = None,
+        forget_closure: Any = None,
+        *,
+        grad_scaler: torch.amp.GradScaler | None = None,
+    ) -> StepStats:
         """One step of Algorithm 1; see the class docstring for the cost and the guarantees.
 
         ``step(retain, forget)``; ``step(retain, [c_1, ..., c_m])`` or ``step(retain, {name: c})`` for m
         constraints; ``step(Closures(retain, constraints))`` as one argument; ``step([f_1, ..., f_m])``
-        for m objectives under a multi-objective rule (:func:`parse_step_arguments`).
+        for m objectives under a multi-objective rule (:func:`parse_step_arguments`). ``grad_scaler`` is
+        passed by ``GradScaler.step`` (see :meth:`_scaler_of_this_step`). The stats are also kept in
+        ``last_stats`` (accelerate's ``AcceleratedOptimizer.step`` does not return them).
         """
+        scaler, caller_updates = self._scaler_of_this_step(grad_scaler)
         task = parse_step_arguments(retain_closure, forget_closure)
         if task.retain is None and not self.rule.objectives:
             raise ValueError(
@@ -397,7 +464,7 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
         saved_grads = [p.grad for p in layout.params]
         moved = [False]
         try:
-            amp = self._loss_scaling(layout)
+            amp = self._loss_scaling(layout, scaler)
             losses, retain_loss, inner = self._gradients(layout, task, amp, moved)
             with torch.no_grad():
                 stats, coefficients = self._project(
@@ -419,9 +486,10 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
             for b in layout.buckets:
                 b.detach_grads()
             if amp is not None:
-                amp.update(self, stats.skipped)
+                amp.update(self, stats.skipped, caller_updates)
             if not stats.skipped:
                 self._steps += 1
+        self.last_stats = stats
         return stats
 
     def _base_step(self, layout: FlatLayout, saved_grads: list[Tensor | None]) -> None:
@@ -538,8 +606,7 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
         group = dist.group.WORLD if isinstance(self.process_group, str) else self.process_group
         return group if dist.get_world_size(group) > 1 else None
 
-    def _loss_scaling(self, layout: FlatLayout) -> _LossScaling | None:
-        scaler = self.grad_scaler
+    def _loss_scaling(self, layout: FlatLayout, scaler: torch.amp.GradScaler | None) -> _LossScaling | None:
         if scaler is None or not scaler.is_enabled():
             return None
         return _LossScaling(scaler, layout.buckets[0].rows.device)
@@ -578,6 +645,26 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
         where = "at θ" if not k else f"at inner step φ^{k}"
         for b in layout.buckets:
             b.attach(row)
+        parts = _parts(closure)
+        total = None
+        for part in parts:  # one part unless the closure is MicroBatches
+            loss = self._differentiate(layout, part, name, where, amp, len(parts))
+            total = loss if total is None else total + loss
+        assert total is not None
+        if row is not None:
+            for b in layout.buckets:
+                b.adopt(row)
+        if amp is not None and unscale:
+            overflow = amp.unscale(layout, row)
+            if k:
+                amp.inner_overflow.append(overflow)
+        return total / len(parts)
+
+    def _differentiate(
+        self, layout: FlatLayout, closure: Closure, name: str, where: str, amp: _LossScaling | None, n: int
+    ) -> Tensor:
+        """Run the closure and accumulate the gradient of its loss (times 1/n and the loss scale) into
+        the attached gradients; returns the detached loss."""
         loss = self._checked(closure(), name, where)
         if loss.grad_fn is None:
             raise ClosureError(
@@ -591,7 +678,8 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
                 f"{name}'s loss {where} does not depend on any parameter this optimizer trains; check that "
                 "the closure uses the model whose parameters were passed to the optimizer"
             )
-        target = loss if amp is None else amp.scaled(loss)
+        target = loss if n == 1 else loss / n
+        target = target if amp is None else amp.scaled(target)
         try:
             torch.autograd.backward(target, inputs=None if layout.sharded else layout.params)
         except RuntimeError as exc:
@@ -602,17 +690,11 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
                 "into its own buffers, so the closure must only compute and return the loss (remove the "
                 "backward() and zero_grad() calls; see docs/api.md)"
             ) from exc
-        if row is not None:
-            for b in layout.buckets:
-                b.adopt(row)
-        if amp is not None and unscale:
-            overflow = amp.unscale(layout, row)
-            if k:
-                amp.inner_overflow.append(overflow)
         return loss.detach()
 
     def _evaluate(self, closure: Closure, name: str, k: int) -> Tensor:
-        return self._checked(closure(), name, f"at inner step φ^{k}").detach()
+        parts = _parts(closure)
+        return sum(self._checked(c(), name, f"at inner step φ^{k}").detach() for c in parts) / len(parts)
 
     def _project(
         self,
@@ -1071,15 +1153,38 @@ class _LossScaling:
         one = torch.ones_like(self.inv)
         return torch.stack([*([one if constraint_unscaled else self.inv] * (rows - 1)), self.inv])
 
-    def update(self, optimizer: torch.optim.Optimizer, skipped: bool) -> None:
-        """Record this step's overflow with the scaler and update its scale (back off on a skip)."""
+    def update(self, optimizer: torch.optim.Optimizer, skipped: bool, caller_updates: bool = False) -> None:
+        """Record this step's overflow with the scaler and update its scale (back off on a skip);
+        ``caller_updates``: only record it, ``GradScaler.step`` is calling and its caller updates."""
         found = torch.full((), float(skipped), dtype=torch.float32, device=self.scale.device)
         # GradScaler.update() reads the per-optimizer overflow records that its own unscale_/step
         # write; this optimizer unscales itself, so it writes its record the same way.
         state = self.scaler._per_optimizer_states[id(optimizer)]
         state["found_inf_per_device"] = {found.device: found}
+        if caller_updates:
+            return
         state["stage"] = OptState.STEPPED
         self.scaler.update()
+
+
+def _parts(closure: Closure) -> tuple[Closure, ...]:
+    return closure.parts if isinstance(closure, MicroBatches) else (closure,)
+
+
+def _check_no_accelerate_accumulation() -> None:
+    """Refuse accelerate's gradient accumulation, which would drop closures silently: under
+    ``accelerator.accumulate`` its ``AcceleratedOptimizer`` skips ``step`` on all but every N-th call, and a
+    skipped call's closures are never run. (Reads accelerate's state only if accelerate is imported.)"""
+    state = sys.modules.get("accelerate.state")
+    shared = getattr(getattr(state, "GradientState", None), "_shared_state", None) or {}
+    steps = (shared.get("plugin_kwargs") or {}).get("num_steps", 1)
+    if steps > 1:
+        raise ValueError(
+            f"accelerate's gradient_accumulation_steps is {steps}: its AcceleratedOptimizer would skip "
+            f"this optimizer's step on {steps - 1} of every {steps} calls and drop their closures. Build the "
+            "Accelerator with gradient_accumulation_steps=1 and accumulate inside the step instead: pass "
+            "each closure as MicroBatches([micro-batch closures])"
+        )
 
 
 def _sum_over_shards(grams: list[list[Tensor]], shard_groups: list[list[list[Any]]]) -> None:
