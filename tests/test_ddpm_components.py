@@ -23,6 +23,7 @@ from constrained_opt.diffusion.models import (
     load_unet,
     save_classifier,
     save_unet,
+    shipped,
 )
 from constrained_opt.diffusion.report import metrics_table, save_cosine_plot, save_sample_grid
 from constrained_opt.diffusion.sampling import sample
@@ -134,6 +135,22 @@ def test_shipped_checkpoints_load_and_match_digits(digits):
     assert {"seed", "steps"} <= provenance.keys()
     _, provenance = load_classifier(SHIPPED_CLASSIFIER)
     assert provenance["val_accuracy"] > 0.95
+    retrain, record = load_unet(shipped("digits", "retrain", 0))
+    check_unet_matches(retrain, digits.image_shape, 10, "retrain")
+    same_recipe = ("preset", "seed", "steps", "batch_size", "lr", "ema_decay")
+    assert record["exclude_class"] == 0 and record["images"] == int((digits.labels != 0).sum())
+    assert {k: record[k] for k in same_recipe} == {k: load_unet(SHIPPED_UNET)[1][k] for k in same_recipe}
+    assert shipped("digits", "retrain", 7) is None and shipped("cifar10", "unet") is None
+
+
+def test_mnist5k_is_the_embedded_28x28_set_with_500_images_per_class():
+    data = load_data("mnist5k")
+    assert data.images.shape == (5000, 1, 28, 28) and data.num_classes == 10
+    assert data.labels.bincount().tolist() == [500] * 10
+    assert data.images.min() == -1 and data.images.max() == 1
+    assert build_unet("mnist", data.image_shape, 10).config.sample_size == 28
+    with pytest.raises(UsageError, match="takes no path"):
+        parse_data_spec("mnist5k:/tmp")
 
 
 def test_cifar10_preset_is_the_papers_35_7m_unet():
