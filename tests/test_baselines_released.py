@@ -189,3 +189,19 @@ def test_sa_preparation_scales_samples_to_the_data_and_is_cached_per_model(unet,
     assert info["prep_cached"] and info["prep_s"] > 0
     for k, f in method.fisher.items():
         assert torch.equal(again.fisher[k], f)
+
+
+def test_inner_steps_through_the_outer_adam_make_k_matter(unet):
+    """The authors' loop: the K inner steps are steps of the outer Adam, so its state advances K + 1
+    times per outer step and K changes the update (under our optimizer it cannot: docs/algorithm.md)."""
+    after = {}
+    for k in (1, 3):
+        model = copy.deepcopy(unet)
+        method = baselines.EraseDiffSharedAdam(setup(model, seed=3), inner_steps=k)
+        before = [p.detach().clone() for p in model.parameters()]
+        stats = method.step(fixed_batch(6, 3, 1), fixed_batch(6, 0, 2))
+        steps = {int(s["step"]) for s in method.optimizer.state_dict()["state"].values()}
+        assert steps == {k + 1} and stats["lam"] >= 0 and stats["g_value"] > 0
+        after[k] = [p.detach().clone() for p in model.parameters()]
+        assert any(not torch.equal(a, b) for a, b in zip(after[k], before, strict=True))
+    assert any(not torch.allclose(a, b) for a, b in zip(after[1], after[3], strict=True))
