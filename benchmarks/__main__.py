@@ -24,6 +24,7 @@ ITEMS = (
     "comparison",
     "ablation",
     "comparison_mnist5k",
+    "sa_fisher",
 )
 DEFAULT = ITEMS[:4]
 MODULE = {"ablation": "comparison", "comparison_mnist5k": "comparison"}  # items sharing a module

@@ -152,6 +152,19 @@ def _unlearning(res: dict, suffix: str) -> list[str]:
     return [*out, ""]
 
 
+def _sa_fisher(res: dict, suffix: str) -> list[str]:
+    from .sa_fisher import markdown
+
+    return [
+        f"## 9. sa_fisher: the scale of SA's released Fisher{suffix}",
+        "",
+        _machine(res),
+        "",
+        markdown(res),
+        "",
+    ]
+
+
 COMPARISON_TITLES = {
     "comparison": "6. comparison: digits, 3 seeds, published budgets",
     "ablation": "7. ablation: EraseDiff's inner loop through the outer Adam, and the literal η coupling",
@@ -193,6 +206,7 @@ SECTIONS = {
     "comparison": _comparison,
     "ablation": _comparison,
     "comparison_mnist5k": _comparison,
+    "sa_fisher": _sa_fisher,
 }
 
 

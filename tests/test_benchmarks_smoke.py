@@ -102,3 +102,11 @@ def test_sa_budget_smoke_measures_both_methods_in_one_run(tmp_path):
     text = Path(write_docs(str(tmp_path), docs_dir=str(tmp_path / "docs"), include_smoke=True)).read_text()
     assert "## 4b. Selective Amnesia at its published budget" in text and "| sa | 4 | 2 |" in text
     assert "listed, not ranked" in text
+
+
+def test_sa_fisher_smoke_compares_the_shipped_fisher_with_the_old_estimate(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks", "--only", "sa_fisher", "--smoke", "--out", str(tmp_path)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    res = json.loads((tmp_path / "sa_fisher.json").read_text())
+    assert res["released_samples"] == 180 and res["old_samples"] == 20
+    assert res["ratio_of_totals"] == res["released_total"] / res["old_total"] and res["ratio_of_totals"] > 1
