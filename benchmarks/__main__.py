@@ -26,8 +26,14 @@ ITEMS = (
     "cooper_compare",
     "authors_step",
     "ddpm_multiclass",
+    "comparison",
+    "ablation",
+    "comparison_mnist5k",
+    "sa_fisher",
 )
-DEFAULT = tuple(item for item in ITEMS if item not in ("sa_budget", "ddpm_multiclass"))
+SLOW = ("sa_budget", "ddpm_multiclass", "comparison", "ablation", "comparison_mnist5k")
+DEFAULT = tuple(item for item in ITEMS if item not in SLOW)
+MODULE = {"ablation": "comparison", "comparison_mnist5k": "comparison"}  # items sharing a module
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         choices=ITEMS,
         default=list(DEFAULT),
-        help="default: all but sa_budget (~1 h) and ddpm_multiclass (~10 min)",
+        help="default: all but " + ", ".join(SLOW) + " (each takes from 10 minutes to hours on a CPU)",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; no docs update")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -45,12 +51,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-docs", action="store_true", help="do not regenerate docs/benchmarks.md")
     parser.add_argument("--rounds", type=int, help="step_overhead: repetitions per configuration")
     parser.add_argument("--cifar-ks", type=int, nargs="+", help="step_overhead: K values for the 35.7M model")
+    parser.add_argument(
+        "--work",
+        default="runs/benchmarks",
+        help="comparison items: folder for the demo outputs (models, samples; resumable)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     suffix = f"_{device.type}" if device.type != "cpu" else ""
     for item in args.only:
-        module = importlib.import_module(f".{item}", __package__)
+        module = importlib.import_module(f".{MODULE.get(item, item)}", __package__)
         extra = {"rounds": args.rounds, "cifar_ks": args.cifar_ks} if item == "step_overhead" else {}
+        if module.__name__.endswith(".comparison"):
+            extra = {"config": item, "work": args.work}
         payload = module.run(device, args.smoke, **extra)
         command = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
         meta = {"device": str(device), "smoke": args.smoke, "command": command}

@@ -141,22 +141,55 @@ def _unlearning(res: dict, suffix: str) -> list[str]:
 
     from .unlearning import markdown
 
-    out = [f"## 4. unlearning{suffix}", "", _machine(res).format(item="unlearning"), ""]
-    out += markdown(res).splitlines()
-    ttf = res["time_to_forget"]
+    out = [f"## 4. unlearning: time to forget{suffix}", "", _machine(res).format(item="unlearning"), ""]
+    out += markdown(res, _load(_results_dir, "comparison")).splitlines()
     fig, (ax_p, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.2))
-    for name, run in ttf["runs"].items():
+    for name, run in res["runs"].items():
         t = [0.0] + [p["time_s"] for p in run["probes"]]
-        ax_p.plot(t, [ttf["base"]["p_forget"]] + [p["p_forget"] for p in run["probes"]], label=name)
-        accs = [ttf["base"]["remaining_accuracy"]] + [p["remaining_accuracy"] for p in run["probes"]]
+        ax_p.plot(t, [res["base"]["p_forget"]] + [p["p_forget"] for p in run["probes"]], label=name)
+        accs = [res["base"]["remaining_accuracy"]] + [p["remaining_accuracy"] for p in run["probes"]]
         ax_acc.plot(t, accs, label=name)
-    ax_p.axhline(ttf["threshold"], color="gray", ls="--", lw=0.8)
+    ax_p.axhline(res["threshold"], color="gray", ls="--", lw=0.8)
     ax_p.set(xlabel="unlearning time (s)", ylabel="P(y = c_f | x_f)", yscale="log")
     ax_acc.set(xlabel="unlearning time (s)", ylabel="remaining accuracy")
     ax_acc.legend(fontsize=8)
     out += ["", f"![time to forget]({_save(fig, f'time_to_forget{suffix}.png')})"]
     plt.close(fig)
     return [*out, ""]
+
+
+def _sa_fisher(res: dict, suffix: str) -> list[str]:
+    from .sa_fisher import markdown
+
+    return [
+        f"## 9. sa_fisher: the scale of SA's released Fisher{suffix}",
+        "",
+        _machine(res),
+        "",
+        markdown(res),
+        "",
+    ]
+
+
+COMPARISON_TITLES = {
+    "comparison": "6. comparison: digits, 3 seeds, published budgets",
+    "ablation": "7. ablation: EraseDiff's inner loop through the outer Adam, and the literal η coupling",
+    "comparison_mnist5k": "8. comparison on mnist5k: one seed, bootstrap intervals",
+}
+
+
+def _comparison(res: dict, suffix: str) -> list[str]:
+    from .comparison import markdown
+
+    title = COMPARISON_TITLES[res["config"]]
+    return [
+        f"## {title}{suffix}",
+        "",
+        _machine(res).format(item=res["config"]),
+        "",
+        *markdown(res).splitlines(),
+        "",
+    ]
 
 
 def _sa_budget(res: dict, suffix: str) -> list[str]:
@@ -360,16 +393,49 @@ SECTIONS = {
     "cooper_compare": _cooper_compare,
     "authors_step": _authors_step,
     "ddpm_multiclass": _ddpm_multiclass,
+    "comparison": _comparison,
+    "ablation": _comparison,
+    "comparison_mnist5k": _comparison,
+    "sa_fisher": _sa_fisher,
 }
 
 
 _docs_dir = DOCS
+_results_dir = ""
+
+
+def write_results_tables(results: str, docs_dir: str = DOCS, include_smoke: bool = False) -> str | None:
+    """Replace each ``<!-- BEGIN item -->`` … ``<!-- END item -->`` block of ``docs_dir/results.md`` by
+    the comparison item's section from ``results/item.json`` (blocks without a result stay)."""
+    path = os.path.join(docs_dir, "results.md")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        text = f.read()
+    for item in COMPARISON_TITLES:
+        res = _load(results, item)
+        begin, end = f"<!-- BEGIN {item} -->", f"<!-- END {item} -->"
+        if res is None or (res.get("smoke") and not include_smoke) or begin not in text:
+            continue
+        from .comparison import markdown
+
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        block = "\n".join(["", _machine(res).format(item=item), "", markdown(res), ""])
+        text = head + begin + block + end + tail
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
 
 
 def write_docs(results: str, docs_dir: str = DOCS, include_smoke: bool = False) -> str:
-    """Write ``docs_dir/benchmarks.md`` (and ``docs_dir/img/*.png``) from ``results/*.json``."""
-    global _docs_dir
-    _docs_dir = docs_dir
+    """Write ``docs_dir/benchmarks.md`` (and ``docs_dir/img/*.png``) from ``results/*.json``, and the
+    comparison tables of ``docs_dir/results.md``."""
+    global _docs_dir, _results_dir
+    _docs_dir, _results_dir = docs_dir, results
+    write_results_tables(results, docs_dir, include_smoke)
     lines = [
         "# Benchmarks",
         "",
@@ -387,8 +453,6 @@ def write_docs(results: str, docs_dir: str = DOCS, include_smoke: bool = False) 
                 found = True
         if not found:
             lines += [f"## {item}", "", f"Not measured yet: run `{COMMAND} --only {item}`.", ""]
-            if item == "unlearning":
-                lines += ["The demo's table, with each method's time and peak memory, is in results.md.", ""]
     if not any(_load(results, item + "_cuda") for item in SECTIONS):
         lines += [
             "## 5. GPU",

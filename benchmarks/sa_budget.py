@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from .unlearning import PROBED, end_point_at_least_as_good, time_to_forget
+from .unlearning import PROBED, time_to_forget
 
 RECIPES = {"erasediff": ("erasediff", {}, 300, 25), "sa": ("sa", {}, 20_000, 1000)}
-SMOKE = {"erasediff": ("erasediff", {}, 4, 2), "sa": ("sa", {"samples_per_class": 4}, 4, 2)}
+SMOKE = {
+    "erasediff": ("erasediff", {}, 4, 2),
+    "sa": ("sa", {"samples_per_class": 2, "sampler": "ddim", "fisher_stride": 250}, 4, 2),
+}
 TARGET = 0.1  # EraseDiff's time ≤ 0.1× SA's
 
 
@@ -37,12 +40,11 @@ def markdown(result: dict) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     ratio = result["time_ratio_erasediff_over_sa"]
-    better = end_point_at_least_as_good(runs["erasediff"]["probes"][-1], runs["sa"]["probes"][-1])
     lines += [
         "",
         f"EraseDiff's time / SA's at the published budgets: {ratio:.3f} (target ≤ {TARGET}: "
-        f"{'met' if ratio <= TARGET else 'not met'}); EraseDiff's end point is "
-        f"{'equal or better on P, accuracy and FID' if better else 'not better on every metric'}.",
+        f"{'met' if ratio <= TARGET else 'not met'}). The end points are single probes without intervals: "
+        "they are listed, not ranked.",
     ]
     return "\n".join(lines)
 

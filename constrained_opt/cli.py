@@ -97,31 +97,57 @@ def _eval_settings(args: argparse.Namespace, seed: int = 0):
     return EvalSettings(args.per_class, args.sampler, args.sampling_steps, args.guidance, seed)
 
 
-def _digits_default(args: argparse.Namespace, attr: str, shipped: str, what: str) -> str:
+def _shipped_default(args: argparse.Namespace, attr: str, what: str, description: str) -> str:
+    """``args.<attr>``, or the checkpoint shipped for ``args.data`` (digits, mnist5k)."""
     from .diffusion.errors import UsageError
+    from .diffusion.models import shipped
 
     value = getattr(args, attr)
     if value is None:
-        if args.data != "digits":
-            raise UsageError(f"--{attr.replace('_', '-')} is required for {args.data} ({what})")
-        return shipped
+        value = shipped(args.data, what)
+        if value is None:
+            raise UsageError(f"--{attr.replace('_', '-')} is required for {args.data} ({description})")
     return value
 
 
 @command("demo", "forget one digit with EraseDiff and the baselines on scikit-learn's digits; write a report")
 def _demo(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("--data", default="digits", help="digits (default) or mnist5k (28×28, 500 per class)")
     p.add_argument("--forget-class", type=INDEX, default=0, help="digit to forget (default 0)")
-    p.add_argument("--seed", type=SEED, default=0, help="seed of the batches, the methods and the sampling")
+    p.add_argument("--seed", type=SEED, default=0, help="first seed (unlearning and evaluation)")
+    p.add_argument(
+        "--seeds", type=COUNT, default=1, help="number of seeds; with ≥ 2, means ± 95%% intervals (default 1)"
+    )
     p.add_argument("--out", default="runs/demo", help="output directory (default %(default)s)")
     p.add_argument(
         "--methods",
         default="finetune,neggrad,moo,salun,sa",
-        help="comma-separated baselines to run beside EraseDiff, or 'none' (default: all)",
+        help="comma-separated runs beside EraseDiff (finetune, neggrad, moo, moo_matched, salun, sa, "
+        "erasediff_shared_adam), or 'none' (default: finetune,neggrad,moo,salun,sa)",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=METHOD[:KEY=VALUE,...]",
+        help="an extra run of METHOD with its own settings, e.g. moo_w3=moo:forget_weight=3 (repeatable)",
     )
     p.add_argument(
         "--steps", type=COUNT, default=300, help="unlearning steps per method (default %(default)s)"
     )
     p.add_argument("--batch-size", type=COUNT, default=64, help="retain and forget batch size")
+    p.add_argument(
+        "--published-budgets",
+        action="store_true",
+        help="each method at its published steps × batch (EraseDiff 300×128, SalUn 1000×128, SA 20000×128)",
+    )
+    p.add_argument(
+        "--budget",
+        action="append",
+        default=[],
+        metavar="LABEL=STEPSxBATCH",
+        help="steps × batch size for one run, e.g. sa=2000x128 (repeatable)",
+    )
     p.add_argument("--lr", type=POSITIVE, default=1e-4, help="Adam learning rate of every method")
     p.add_argument(
         "--forget-target",
@@ -144,26 +170,44 @@ def _demo(p: argparse.ArgumentParser) -> Runner:
         action="store_true",
         help="train the base DDPM and classifier with the seeded script (cached) instead of the shipped ones",
     )
-    p.add_argument("--checkpoint", help="base UNet checkpoint for digits (default: the shipped one)")
-    p.add_argument("--classifier", help="evaluation classifier for digits (default: the shipped one)")
+    p.add_argument("--checkpoint", help="base UNet checkpoint (default: the shipped one)")
+    p.add_argument("--classifier", help="evaluation classifier (default: the shipped one)")
+    p.add_argument(
+        "--retrain",
+        help="Retrain reference checkpoint (default: shipped for class 0, else trained with the base recipe)",
+    )
+    p.add_argument("--no-retrain", action="store_true", help="no Retrain row")
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=0,
+        help="bootstrap rounds over evaluation samples for 95%% intervals (default 0: none)",
+    )
     p.add_argument("--cache-dir", help="default $XDG_CACHE_HOME/constrained_opt")
     _add_eval(p)
     _add_common(p)
 
     def run(args: argparse.Namespace) -> None:
         from .diffusion.ddpm import demo
-        from .diffusion.report import metrics_table
+        from .diffusion.report import gap_table, metrics_table
 
         methods = (
             () if args.methods.strip() in ("", "none") else tuple(m.strip() for m in args.methods.split(","))
         )
         results = demo(
+            data=args.data,
             forget_class=args.forget_class,
             seed=args.seed,
+            seeds=args.seeds,
             out=args.out,
             methods=methods,
+            variants=tuple(args.variant),
             steps=args.steps,
             batch_size=args.batch_size,
+            published_budgets=args.published_budgets,
+            budgets=tuple(args.budget),
+            bootstrap=args.bootstrap,
+            retrain=False if args.no_retrain else (args.retrain or True),
             lr=args.lr,
             forget_target=args.forget_target,
             hp=tuple(args.hp),
@@ -177,8 +221,9 @@ def _demo(p: argparse.ArgumentParser) -> Runner:
             progress=not args.quiet,
         )
         print(metrics_table(results))
+        print(gap_table(results))
         print(
-            f"wrote {args.out}/report.md, metrics.json, samples_*.png"
+            f"wrote {args.out}/report.md, metrics.json, table.md, noise_floor.json, samples_*.png"
             + (", fig2_cosines.png" if "moo" in results else "")
         )
 
@@ -187,13 +232,22 @@ def _demo(p: argparse.ArgumentParser) -> Runner:
 
 @command("train-base", "train the base class-conditional DDPM and/or the evaluation classifier (seeded)")
 def _train_base(p: argparse.ArgumentParser) -> Runner:
-    p.add_argument("--data", default="digits", help="digits | cifar10:PATH | imagefolder:PATH")
-    p.add_argument("--what", choices=("unet", "classifier", "both"), default="both", help="what to train")
+    p.add_argument("--data", default="digits", help="digits | mnist5k | cifar10:PATH | imagefolder:PATH")
+    p.add_argument(
+        "--what", choices=("unet", "classifier", "both"), help="default both (unet with --exclude-class)"
+    )
+    p.add_argument(
+        "--exclude-class",
+        type=INDEX,
+        help="train the UNet without this class (the Retrain reference), same seeded recipe",
+    )
     p.add_argument("--steps", type=COUNT, default=3000, help="UNet training steps (default %(default)s)")
     p.add_argument("--classifier-steps", type=COUNT, default=1500, help="classifier training steps")
     p.add_argument("--batch-size", type=COUNT, default=128, help="training batch size")
     p.add_argument("--lr", type=POSITIVE, default=1e-3, help="UNet Adam learning rate (default %(default)s)")
-    p.add_argument("--preset", help="UNet preset: digits, cifar10 (the paper's), tiny (default: by dataset)")
+    p.add_argument(
+        "--preset", help="UNet preset: digits, mnist, cifar10 (the paper's), tiny (default: by dataset)"
+    )
     p.add_argument("--image-size", type=COUNT, default=32, help="imagefolder resize (default %(default)s)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of initialisation and batches")
     p.add_argument("--out", help="output directory (default runs/base-<dataset>)")
@@ -202,11 +256,17 @@ def _train_base(p: argparse.ArgumentParser) -> Runner:
     def run(args: argparse.Namespace) -> None:
         from .diffusion.ddpm import train_base
 
-        out = args.out or f"runs/base-{args.data.partition(':')[0]}"
+        kind = args.data.partition(":")[0]
+        out = args.out or (
+            f"runs/base-{kind}"
+            if args.exclude_class is None
+            else f"runs/retrain-{kind}-c{args.exclude_class}"
+        )
         written = train_base(
             args.data,
             out,
-            what=args.what,
+            what=args.what or ("both" if args.exclude_class is None else "unet"),
+            exclude_class=args.exclude_class,
             unet_steps=args.steps,
             classifier_steps=args.classifier_steps,
             batch_size=args.batch_size,
@@ -248,14 +308,16 @@ def _unlearn_ddpm(p: argparse.ArgumentParser) -> Runner:
         action="store_true",
         help="erasediff with several forget classes: one constraint per class instead of one pooled",
     )
-    p.add_argument("--data", default="digits", help="digits | cifar10:PATH | imagefolder:PATH")
+    p.add_argument("--data", default="digits", help="digits | mnist5k | cifar10:PATH | imagefolder:PATH")
     p.add_argument("--checkpoint", help="base UNet checkpoint (default for digits: the shipped one)")
     p.add_argument(
         "--classifier", help="evaluation classifier; when given (or digits), metrics.json is written"
     )
     p.add_argument("--no-eval", action="store_true", help="skip evaluation")
     p.add_argument("--steps", type=COUNT, default=300, help="unlearning steps")
-    p.add_argument("--batch-size", type=COUNT, help="default 64 for digits, 128 otherwise (the paper's)")
+    p.add_argument(
+        "--batch-size", type=COUNT, help="default 64 (digits, mnist5k), 128 otherwise (the paper's)"
+    )
     p.add_argument("--lr", type=POSITIVE, default=1e-4, help="Adam learning rate")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the batches, the method and the sampling")
     p.add_argument("--forget-target", choices=("rl", "noise"), help="EraseDiff/MOO ε_f (default rl)")
@@ -276,7 +338,6 @@ def _unlearn_ddpm(p: argparse.ArgumentParser) -> Runner:
         from .diffusion.baselines import parse_hparams
         from .diffusion.ddpm import UnlearnJob, unlearn_ddpm
         from .diffusion.errors import UsageError
-        from .diffusion.models import SHIPPED_CLASSIFIER, SHIPPED_UNET
 
         classes = args.forget_class
         forget_class = classes[0] if len(classes) == 1 else classes
@@ -290,13 +351,13 @@ def _unlearn_ddpm(p: argparse.ArgumentParser) -> Runner:
             method = "erasediff_per_class"
         pairs = [*args.hp, *([f"forget_target={args.forget_target}"] if args.forget_target else [])]
         hparams = parse_hparams(args.method, pairs)
-        checkpoint = _digits_default(args, "checkpoint", SHIPPED_UNET, "the base model")
+        checkpoint = _shipped_default(args, "checkpoint", "unet", "the base model")
         classifier = (
             None
-            if args.no_eval or (args.classifier is None and args.data != "digits")
-            else (_digits_default(args, "classifier", SHIPPED_CLASSIFIER, "the evaluation classifier"))
+            if args.no_eval or (args.classifier is None and args.data not in ("digits", "mnist5k"))
+            else (_shipped_default(args, "classifier", "classifier", "the evaluation classifier"))
         )
-        batch_size = args.batch_size or (64 if args.data == "digits" else 128)
+        batch_size = args.batch_size or (64 if args.data in ("digits", "mnist5k") else 128)
         out = args.out or f"runs/unlearn-{method}-c{'-'.join(map(str, classes))}"
         job = UnlearnJob(method, forget_class, args.steps, batch_size, args.lr, args.seed, hparams)
         record = unlearn_ddpm(
@@ -327,7 +388,7 @@ def _evaluate(p: argparse.ArgumentParser) -> Runner:
         help="a checkpoint to evaluate (repeatable; the first is the reference, e.g. base=...)",
     )
     p.add_argument("--forget-class", type=INDEX, required=True, help="the forgotten class index")
-    p.add_argument("--data", default="digits", help="digits | cifar10:PATH | imagefolder:PATH")
+    p.add_argument("--data", default="digits", help="digits | mnist5k | cifar10:PATH | imagefolder:PATH")
     p.add_argument("--classifier", help="evaluation classifier (default for digits: the shipped one)")
     p.add_argument("--inception-weights", help="torch-fidelity Inception-v3 weights: adds Inception FID")
     p.add_argument("--image-size", type=COUNT, default=32, help="imagefolder resize")
@@ -339,7 +400,6 @@ def _evaluate(p: argparse.ArgumentParser) -> Runner:
     def run(args: argparse.Namespace) -> None:
         from .diffusion.ddpm import evaluate_checkpoints
         from .diffusion.errors import UsageError
-        from .diffusion.models import SHIPPED_CLASSIFIER
         from .diffusion.report import metrics_table
 
         models = {}
@@ -348,7 +408,7 @@ def _evaluate(p: argparse.ArgumentParser) -> Runner:
             if not sep or not name or not path:
                 raise UsageError(f"--model expects NAME=PATH, got {spec!r}")
             models[name] = path
-        classifier = _digits_default(args, "classifier", SHIPPED_CLASSIFIER, "the evaluation classifier")
+        classifier = _shipped_default(args, "classifier", "classifier", "the evaluation classifier")
         results = evaluate_checkpoints(
             args.data,
             models,

@@ -32,6 +32,10 @@ def main() -> None:
     parser.add_argument("--forget-digit", type=int, default=3, choices=range(10))
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam step size (default %(default)s)")
+    parser.add_argument(
+        "--inner-lr", type=float, default=1e-2, help="inner step size ξ (default %(default)s)"
+    )
     args = parser.parse_args()
     torch.manual_seed(args.seed)
 
@@ -62,20 +66,29 @@ def main() -> None:
 
     report("before")
     opt = ValueFunctionBilevelOptimizer(
-        model.parameters(), base_optimizer=torch.optim.Adam, lr=1e-3, inner_steps=1, inner_lr=1e-2, eta=1.0
+        model.parameters(),
+        base_optimizer=torch.optim.Adam,
+        lr=args.lr,
+        inner_steps=1,
+        inner_lr=args.inner_lr,
+        eta=1.0,
     )
 
+    # The batches of the current step. Every call of a closure within a step reads the same ones: the
+    # forget closure runs at θ and at φ^K, and g = L_f(θ) − L_f(φ^K) must compare one batch.
+    batch: dict[str, torch.Tensor] = {}
+
     def retain_closure() -> torch.Tensor:
-        idx = torch.randint(len(keep_x), (128,))
-        return F.cross_entropy(model(keep_x[idx]), keep_y[idx])
+        return F.cross_entropy(model(keep_x[batch["retain"]]), keep_y[batch["retain"]])
 
     def forget_closure() -> torch.Tensor:
-        idx = torch.randint(len(forget_x), (64,))
-        other = (c + torch.randint(1, 10, (64,))) % 10  # a random label that is not c
-        return F.cross_entropy(model(forget_x[idx]), other)
+        return F.cross_entropy(model(forget_x[batch["forget"]]), batch["other"])
 
     conflicts = 0
     for step in range(args.steps):
+        batch["retain"] = torch.randint(len(keep_x), (128,))
+        batch["forget"] = torch.randint(len(forget_x), (64,))
+        batch["other"] = (c + torch.randint(1, 10, (64,))) % 10  # a random label that is not c
         stats = opt.step(retain_closure, forget_closure)
         conflicts += stats.cos_update_retain < 0
         if step % 50 == 0 or step == args.steps - 1:

@@ -45,17 +45,48 @@ def test_unlearning_smoke_reports_time_to_forget(tmp_path):
     cmd = [sys.executable, "-m", "benchmarks", "--only", "unlearning", "--smoke", "--out", str(tmp_path)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
     res = json.loads((tmp_path / "unlearning.json").read_text())
-    assert set(res["table"]) == {"base", "erasediff", "moo"} and res["table"]["erasediff"]["time_s"] > 0
-    run = res["time_to_forget"]["runs"]["erasediff"]
+    run = res["runs"]["erasediff"]
     assert [p["step"] for p in run["probes"]] == [2, 4]
     assert all(0 <= p["p_forget"] <= 1 and p["time_s"] <= run["time_s"] for p in run["probes"])
-    assert run["reached"] is None or run["reached"]["p_forget"] <= res["time_to_forget"]["threshold"]
+    assert run["reached"] is None or run["reached"]["p_forget"] <= res["threshold"]
 
     from benchmarks.report import write_docs
 
     text = Path(write_docs(str(tmp_path), docs_dir=str(tmp_path / "docs"), include_smoke=True)).read_text()
-    assert "Time to forget" in text and "| erasediff | 4 |" in text
+    assert "time to forget" in text and "| erasediff | 4 |" in text
+    assert "Targets:" in text
     assert (tmp_path / "docs" / "img" / "time_to_forget.png").stat().st_size > 0
+
+
+def test_comparison_smoke_reports_intervals_gaps_and_floors(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks", "--only", "comparison", "--smoke", "--out", str(tmp_path)]
+    cmd += ["--work", str(tmp_path / "work")]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=900)
+    res = json.loads((tmp_path / "comparison.json").read_text())
+    metrics = res["metrics"]
+    assert list(metrics)[:3] == ["base", "retrain", "erasediff"] and {"salun", "sa", "moo_matched"} <= set(
+        metrics
+    )
+    assert all(m["n_seeds"] == 2 and math.isfinite(m["ci95"]["p_forget"]) for m in metrics.values())
+    assert metrics["sa"]["gap_to_retrain"].keys() == metrics["sa"]["gap_ci95"].keys()
+    assert res["noise_floor"]["real_halves"]["fid"]["mean"] > 0
+    assert "--methods finetune,neggrad,moo,moo_matched,salun,sa" in res["demo_command"]
+    assert (tmp_path / "work" / "comparison" / "seed1" / "models" / "salun.safetensors").exists()
+
+    from benchmarks.report import write_docs
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.md").write_text(
+        "before\n<!-- BEGIN comparison -->\nold\n<!-- END comparison -->\nafter\n"
+    )
+    text = Path(write_docs(str(tmp_path), docs_dir=str(docs), include_smoke=True)).read_text()
+    assert "## 6. comparison" in text and "Gap to Retrain" in text and "Interval verdicts" in text
+    results = (docs / "results.md").read_text()
+    assert results.startswith("before\n<!-- BEGIN comparison -->") and results.endswith(
+        "<!-- END comparison -->\nafter\n"
+    )
+    assert "old" not in results and "EraseDiff vs salun:" in results
 
 
 def test_sa_budget_smoke_measures_both_methods_in_one_run(tmp_path):
@@ -70,6 +101,7 @@ def test_sa_budget_smoke_measures_both_methods_in_one_run(tmp_path):
 
     text = Path(write_docs(str(tmp_path), docs_dir=str(tmp_path / "docs"), include_smoke=True)).read_text()
     assert "## 4b. Selective Amnesia at its published budget" in text and "| sa | 4 | 2 |" in text
+    assert "listed, not ranked" in text
 
 
 def test_issue13_items_smoke(tmp_path):
@@ -119,3 +151,11 @@ def test_issue13_items_smoke(tmp_path):
     for heading in headings:
         assert f"## {heading}" in text
     assert "| authors_k1 vs ours_k1 |" in text and (tmp_path / "docs" / "img" / "cooper_compare.png").exists()
+
+
+def test_sa_fisher_smoke_compares_the_shipped_fisher_with_the_old_estimate(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks", "--only", "sa_fisher", "--smoke", "--out", str(tmp_path)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    res = json.loads((tmp_path / "sa_fisher.json").read_text())
+    assert res["released_samples"] == 180 and res["old_samples"] == 20
+    assert res["ratio_of_totals"] == res["released_total"] / res["old_total"] and res["ratio_of_totals"] > 1

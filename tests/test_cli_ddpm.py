@@ -51,15 +51,27 @@ def test_train_base_records_provenance(base):
 def test_demo_writes_the_full_report(base, tmp_path, capsys):
     out = tmp_path / "run"
     demo = "demo --checkpoint {} --classifier {} --steps 2 --batch-size 8 --out {} --cache-dir {}"
-    demo += " --hp sa.samples_per_class=4 --hp erasediff.eta=0.5"
+    demo += (
+        " --hp sa.samples_per_class=2 --hp sa.sampler=ddim --hp sa.fisher_stride=250 --hp erasediff.eta=0.5"
+    )
     paths = base["unet"], base["classifier"], out, tmp_path / "cache"
     assert cli(demo, *paths) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert list(metrics) == ["base", "erasediff", "finetune", "neggrad", "moo", "salun", "sa"]
-    assert all(m.keys() >= METRIC_KEYS for name, m in metrics.items() if name != "base")
-    assert metrics["base"].keys() >= METRIC_KEYS - {"time_s", "peak_mem_mb"}  # no unlearning stage
+    assert list(metrics) == ["base", "retrain", "erasediff", "finetune", "neggrad", "moo", "salun", "sa"]
+    assert all(m.keys() >= METRIC_KEYS for name, m in metrics.items() if name not in ("base", "retrain"))
+    for reference in ("base", "retrain"):  # no unlearning stage: no time or memory
+        assert metrics[reference].keys() >= METRIC_KEYS - {"time_s", "peak_mem_mb"}
+        assert "time_s" not in metrics[reference]
+    assert all(m["n_seeds"] == 1 and "ci95" not in m for m in metrics.values())
+    assert metrics["salun"]["gap_to_retrain"]["p_forget"] == pytest.approx(
+        abs(metrics["salun"]["p_forget"] - metrics["retrain"]["p_forget"])
+    )
+    assert 0 <= metrics["erasediff"]["lambda"]["active_fraction"] <= 1
     report = (out / "report.md").read_text()
     assert "FID (classifier features)" in report and "Selective Amnesia" in report
+    assert "Gap to Retrain" in report and "Noise floor, real data" in report
+    floor = json.loads((out / "noise_floor.json").read_text())
+    assert floor["real_halves"]["fid"]["mean"] > 0
     for png in ["fig2_cosines.png", *(f"samples_{m}.png" for m in list(metrics)[1:])]:
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
@@ -67,8 +79,31 @@ def test_demo_writes_the_full_report(base, tmp_path, capsys):
     capsys.readouterr()
     assert cli(demo + " --resume --methods moo", *paths) == 0
     printed = capsys.readouterr().out
-    assert "erasediff: done in a previous run" in printed and "evaluation cached" in printed
-    assert list(json.loads((out / "metrics.json").read_text())) == ["base", "erasediff", "moo"]
+    assert "erasediff (seed 0): done in a previous run" in printed and "evaluation cached" in printed
+    assert list(json.loads((out / "metrics.json").read_text())) == ["base", "retrain", "erasediff", "moo"]
+
+
+def test_demo_over_seeds_reports_means_and_intervals(base, tmp_path):
+    out = tmp_path / "seeds"
+    demo = "demo --checkpoint {} --classifier {} --steps 2 --batch-size 8 --out {} --cache-dir {} --seeds 2"
+    demo += " --methods moo_matched --variant ed_k2=erasediff_shared_adam:inner_steps=2 --budget ed_k2=1x8"
+    assert cli(demo, base["unet"], base["classifier"], out, tmp_path / "cache") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == ["base", "retrain", "erasediff", "moo_matched", "ed_k2"]
+    per_seed = [json.loads((out / f"seed{s}" / "metrics.json").read_text()) for s in (0, 1)]
+    for label, row in metrics.items():
+        assert row["n_seeds"] == 2 and row["ci95"].keys() >= {"p_forget", "fid"}
+        values = [seed[label]["fid"] for seed in per_seed]
+        assert row["fid"] == pytest.approx(sum(values) / 2)
+        assert row["ci95"]["fid"] == pytest.approx(12.706205 * abs(values[0] - values[1]) / 2)  # t₁ · sd/√2
+    assert (out / "seed1" / "models" / "ed_k2.safetensors").exists()
+    history = json.loads((out / "seed0" / "state" / "erasediff.json").read_text())["history"]
+    matched = json.loads((out / "seed0" / "state" / "moo_matched.json").read_text())["metrics"]
+    assert matched["hparams"]["forget_weight"] == pytest.approx(sum(h["lam"] for h in history) / len(history))
+    assert metrics["erasediff"]["lambda"]["per_seed_mean"][0] == pytest.approx(
+        matched["hparams"]["forget_weight"]
+    )
+    assert metrics["ed_k2"]["steps"] == 1
 
 
 def test_unlearn_then_evaluate(base, tmp_path):
@@ -126,7 +161,16 @@ def test_train_base_rejects_an_unknown_preset_before_writing(tmp_path, capsys):
 def test_demo_rejects_unknown_baselines_before_writing(tmp_path, capsys):
     out = tmp_path / "never"
     assert main(["demo", "--methods", "moo,magic", "--out", str(out), "--quiet"]) == 2
-    assert "unknown baseline(s) magic" in capsys.readouterr().err and not out.exists()
+    assert "unknown method 'magic'" in capsys.readouterr().err and not out.exists()
+    for bad, message in (
+        (["--variant", "x=moo:forget_weight=-1"], "forget_weight must be ≥ 0"),
+        (["--budget", "moo=10"], "STEPSxBATCH"),
+        (["--budget", "salun=10x8"], "not run"),
+        (["--seeds", "0"], "--seeds must be ≥ 1"),
+        (["--data", "cifar10:/x"], "the demo runs on digits or mnist5k"),
+    ):
+        assert main(["demo", "--methods", "moo", "--out", str(out), "--quiet", *bad]) == 2
+        assert message in capsys.readouterr().err and not out.exists()
 
 
 def test_entry_point_process_exit_codes(tmp_path):

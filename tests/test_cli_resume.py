@@ -141,7 +141,7 @@ def test_demo_resume_reuses_only_rows_of_the_same_run(base, tmp_path, capsys):
     assert (out / "metrics.json").read_text() == metrics
     capsys.readouterr()
     assert main([*argv, "--resume"]) == 0
-    assert "erasediff: done in a previous run" in capsys.readouterr().out
+    assert "erasediff (seed 0): done in a previous run" in capsys.readouterr().out
 
 
 def test_reports_show_no_fake_zeros_and_record_every_hyperparameter(base, tmp_path):

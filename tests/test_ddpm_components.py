@@ -23,6 +23,7 @@ from constrained_opt.diffusion.models import (
     load_unet,
     save_classifier,
     save_unet,
+    shipped,
 )
 from constrained_opt.diffusion.report import metrics_table, save_cosine_plot, save_sample_grid
 from constrained_opt.diffusion.sampling import sample
@@ -134,6 +135,22 @@ def test_shipped_checkpoints_load_and_match_digits(digits):
     assert {"seed", "steps"} <= provenance.keys()
     _, provenance = load_classifier(SHIPPED_CLASSIFIER)
     assert provenance["val_accuracy"] > 0.95
+    retrain, record = load_unet(shipped("digits", "retrain", 0))
+    check_unet_matches(retrain, digits.image_shape, 10, "retrain")
+    same_recipe = ("preset", "seed", "steps", "batch_size", "lr", "ema_decay")
+    assert record["exclude_class"] == 0 and record["images"] == int((digits.labels != 0).sum())
+    assert {k: record[k] for k in same_recipe} == {k: load_unet(SHIPPED_UNET)[1][k] for k in same_recipe}
+    assert shipped("digits", "retrain", 7) is None and shipped("cifar10", "unet") is None
+
+
+def test_mnist5k_is_the_embedded_28x28_set_with_500_images_per_class():
+    data = load_data("mnist5k")
+    assert data.images.shape == (5000, 1, 28, 28) and data.num_classes == 10
+    assert data.labels.bincount().tolist() == [500] * 10
+    assert data.images.min() == -1 and data.images.max() == 1
+    assert build_unet("mnist", data.image_shape, 10).config.sample_size == 28
+    with pytest.raises(UsageError, match="takes no path"):
+        parse_data_spec("mnist5k:/tmp")
 
 
 def test_cifar10_preset_is_the_papers_35_7m_unet():
@@ -230,7 +247,7 @@ def test_report_table_and_figures(tmp_path):
 def test_every_method_changes_a_copy_of_the_model(method, digits, tiny_unet):
     retain, forget = split_forget(digits, 0)
     before = {k: v.clone() for k, v in tiny_unet.state_dict().items()}
-    hp = {"samples_per_class": 4} if method == "sa" else {}
+    hp = {"samples_per_class": 2, "sampler": "ddim", "fisher_stride": 250} if method == "sa" else {}
     result = baselines.unlearn(
         method,
         tiny_unet,
@@ -259,7 +276,9 @@ def test_hyperparameters_are_typed_and_validated():
     bad = {
         "erasediff": (["alpha=1"], ["eta"], ["eta=big"], ["forget_target=blue"], ["inner_steps=-1"]),
         "moo": (["forget_target=blue"], ["forget_weight=-2"]),
-        "salun": (["keep=0"], ["keep=1.5"]),
+        "salun": (["keep=0"], ["keep=1.5"], ["label_dropout=2"]),
+        "sa": (["fisher_input=pixels"], ["sampler=euler"], ["n_chunks=0"], ["fisher_stride=0"]),
+        "erasediff_shared_adam": (["inner_steps=-1"],),
     }
     for method, cases in bad.items():
         for pairs in cases:

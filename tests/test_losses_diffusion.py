@@ -6,15 +6,17 @@ import torch
 pytest.importorskip("diffusers")
 
 from constrained_opt.diffusion.losses import (
-    denoising_fisher,
+    antithetic_timesteps,
     denoising_loss,
     diffuse,
+    drop_labels,
     ewc_penalty,
     forget_loss,
     forget_target,
     other_labels,
-    per_sample_grad_squares,
+    pixel_sum_loss,
     saliency_mask,
+    timestep_summed_fisher,
     unet_eps,
 )
 from constrained_opt.diffusion.models import build_unet
@@ -113,32 +115,81 @@ def test_saliency_mask_keeps_the_top_fraction_globally():
         saliency_mask(scores, keep=0.0)
 
 
-def test_per_sample_grad_squares_match_an_explicit_loop():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
-    x, y = torch.randn(5, 3), torch.randn(5, 1)
-
-    def loss_fn(call, xi, yi):
-        return (call(xi[None]) - yi[None]).pow(2).sum()
-
-    got = per_sample_grad_squares(model, loss_fn, (x, y), chunk=2)
-    want = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
-    for i in range(5):
-        model.zero_grad()
-        (model(x[i : i + 1]) - y[i : i + 1]).pow(2).sum().backward()
-        for k, p in model.named_parameters():
-            want[k] += p.grad.pow(2)
-    for k in want:
-        torch.testing.assert_close(got[k], want[k])
+def test_saliency_mask_keeps_exactly_floor_keep_n_entries_even_with_ties():
+    # SalUn's generate_mask ranks all entries and keeps ranks < int(n * keep): ties do not add entries.
+    scores = {"a": torch.ones(7), "b": torch.tensor([2.0, 0.0, 1.0])}
+    mask = saliency_mask(scores, keep=0.5)
+    assert sum(int(m.sum()) for m in mask.values()) == 5
+    assert mask["b"][0] == 1 and mask["b"][1] == 0  # the largest always survives, the 0 never
 
 
-def test_denoising_fisher_is_a_nonnegative_mean_over_samples(scheduler, unet):
-    x0, c = batch(n=4, classes=(0, 5))
-    fisher = denoising_fisher(unet, scheduler, x0, c, torch.Generator().manual_seed(0), chunk=3)
+def test_antithetic_timesteps_pair_t_with_t_minus_t():
+    g = torch.Generator().manual_seed(0)
+    t = antithetic_timesteps(7, 1000, g)
+    assert t.shape == (7,) and t.min() >= 0 and t.max() < 1000
+    assert torch.equal(t[:3] + t[4:7], torch.full((3,), 999))  # t₀ = t[:4], mirrored after it
+
+
+def test_pixel_sum_loss_is_d_times_the_pixel_mean():
+    a, b = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
+    want = (b - a).square().sum(dim=(1, 2, 3)).mean(dim=0)  # the releases' noise_estimation_loss
+    torch.testing.assert_close(pixel_sum_loss(a, b), want)
+    torch.testing.assert_close(pixel_sum_loss(a, b), 64 * torch.nn.functional.mse_loss(a, b))
+
+
+def test_drop_labels_replaces_a_fraction_by_the_null_class():
+    c = torch.zeros(20_000, dtype=torch.long)
+    dropped = drop_labels(c, 10, 0.1, torch.Generator().manual_seed(0))
+    assert set(dropped.unique().tolist()) == {0, 10}
+    assert abs((dropped == 10).double().mean().item() - 0.1) < 0.01
+    assert drop_labels(c, 10, 0.0, torch.Generator()) is c
+
+
+def released_fisher(unet, scheduler, x0, cond, seed, timesteps, n_chunks, p_drop):
+    """Transcription of SA's ``save_fim``: per sample, the pixel-summed loss of every timestep (one ε per
+    (sample, t), the condition dropped with probability p) is added into one total, whose gradient is
+    squared; the squares are averaged over the samples. Draws follow the chunk order (mask, then ε)."""
+    g = torch.Generator().manual_seed(seed)
     params = dict(unet.named_parameters())
-    assert fisher.keys() == params.keys()
-    assert all(f.shape == params[k].shape and (f >= 0).all() for k, f in fisher.items())
-    assert sum(f.sum() for f in fisher.values()) > 0
+    out = {k: torch.zeros_like(v) for k, v in params.items()}
+    acp = scheduler.alphas_cumprod
+    unet.eval()
+    for i in range(len(x0)):
+        total = 0.0
+        for chunk in torch.chunk(timesteps, n_chunks):
+            drop = torch.rand(len(chunk), generator=g) < p_drop
+            noise = torch.randn((len(chunk), *x0.shape[1:]), generator=g)
+            for j, t in enumerate(chunk.tolist()):
+                x_t = acp[t].sqrt() * x0[i] + (1 - acp[t]).sqrt() * noise[j]
+                c = torch.tensor([10 if drop[j] else int(cond[i])])
+                e_hat = unet(x_t[None], torch.tensor([t]), class_labels=c).sample[0]
+                total = total + (noise[j] - e_hat).square().sum()
+        grads = torch.autograd.grad(total, list(params.values()))
+        for k, gr in zip(params, grads, strict=True):
+            out[k] += gr.square() / len(x0)
+    return out
+
+
+def test_timestep_summed_fisher_matches_the_released_formula(scheduler, unet):
+    x0, c = batch(n=3, classes=(0, 5, 9))
+    x0 = (x0 + 1) / 2  # the release reads its samples back in [0, 1]
+    timesteps = torch.tensor([0, 7, 250, 500, 998])
+    got = timestep_summed_fisher(
+        unet,
+        scheduler,
+        x0,
+        c,
+        torch.Generator().manual_seed(3),
+        label_dropout=0.3,
+        n_chunks=2,
+        timesteps=timesteps,
+    )
+    want = released_fisher(unet, scheduler, x0, c, 3, timesteps, 2, 0.3)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-3, atol=1e-7)
+    # A sum over T timesteps squared is ~T² times a single-t estimate: the release's Fisher is large.
+    assert sum(f.sum() for f in got.values()) > 0 and all((f >= 0).all() for f in got.values())
 
 
 def test_ewc_penalty_is_the_fisher_weighted_squared_distance():

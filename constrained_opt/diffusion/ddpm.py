@@ -6,25 +6,34 @@ anything, so a bad invocation fails with one :class:`UsageError` line and leaves
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
 import math
 import os
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 
-from .baselines import BASELINES, METHODS, UnlearnResult, method_class, parse_hparams, unlearn
+from .baselines import BASELINES, UnlearnResult, method_class, unlearn
+from .comparison import MATCHED, Run, aggregate, plan_runs
 from .data import ImageData, check_class, load_data, split_forget
 from .errors import EvaluationError, UsageError
 from .io import load_state, read_json, save_state, write_json, write_text
+from .metrics import (
+    METRICS,
+    bootstrap_ci95,
+    classifier_features,
+    metrics_from_scores,
+    real_split_floor,
+    score_samples,
+)
 from .models import (
-    SHIPPED_CLASSIFIER,
-    SHIPPED_UNET,
     UNET_PRESETS,
     check_classifier_matches,
     check_unet_matches,
@@ -33,9 +42,10 @@ from .models import (
     load_unet,
     save_classifier,
     save_unet,
+    shipped,
 )
 from .multiclass import check_classes, evaluate_classes, is_forgotten, split_forget_classes
-from .report import metrics_table, save_cosine_plot, save_sample_grid, write_report
+from .report import gap_table, metrics_table, save_cosine_plot, save_sample_grid, write_report
 from .resume import check_resume, run_config
 from .sampling import NUM_TRAIN_TIMESTEPS, SAMPLERS, sample
 from .train import train_classifier, train_unet
@@ -139,15 +149,28 @@ def train_base(
     preset: str | None = None,
     seed: int = 0,
     image_size: int = 32,
+    exclude_class: int | None = None,
     device: str = "auto",
     progress: bool = True,
 ) -> dict[str, str]:
     """Train the base DDPM and/or the evaluation classifier; writes ``unet.safetensors``,
-    ``classifier.safetensors`` and ``provenance.json`` into ``out``. Returns the written paths."""
+    ``classifier.safetensors`` and ``provenance.json`` into ``out``. Returns the written paths.
+
+    ``exclude_class = c`` trains the UNet on D \\ D_c with the same seeded recipe: the *Retrain*
+    reference of unlearning (the model that never saw class c). The evaluation classifier must see
+    every class, so it cannot be combined with ``what`` = classifier/both.
+    """
     check_steps(min(unet_steps, classifier_steps), batch_size)
+    if exclude_class is not None and what != "unet":
+        raise UsageError(
+            "--exclude-class trains a Retrain UNet only (the evaluation classifier must see every class); "
+            "use --what unet"
+        )
     check_output_dir(out)
     dev = resolve_device(device)
     data = load_data(data_spec, image_size)
+    if exclude_class is not None:
+        check_class(exclude_class, data.num_classes)
     preset = preset or default_preset(data.name)
     if preset not in UNET_PRESETS:
         raise UsageError(f"unknown model preset {preset!r}; expected one of {', '.join(UNET_PRESETS)}")
@@ -167,8 +190,9 @@ def train_base(
         written["classifier"] = os.path.join(out, "classifier.safetensors")
         save_classifier(written["classifier"], classifier.cpu(), record["classifier"])
     if what in ("unet", "both"):
+        unet_data = data if exclude_class is None else split_forget(data, exclude_class)[0]
         unet = train_unet(
-            data,
+            unet_data,
             preset=preset,
             steps=unet_steps,
             batch_size=batch_size,
@@ -187,6 +211,7 @@ def train_base(
             label_dropout=0.1,
             ema_decay=0.999,
             parameters=sum(p.numel() for p in unet.parameters()),
+            **({} if exclude_class is None else {"exclude_class": exclude_class, "images": len(unet_data)}),
         )
         written["unet"] = os.path.join(out, "unet.safetensors")
         save_unet(written["unet"], unet.cpu(), record["unet"])
@@ -288,6 +313,7 @@ class UnlearnJob:
         resume: bool,
         progress: bool = True,
         inputs: dict | None = None,
+        cache: str | None = None,
     ) -> UnlearnResult:
         return unlearn(
             self.method,
@@ -304,6 +330,7 @@ class UnlearnJob:
             resume=resume,
             progress=progress,
             inputs=inputs,
+            cache=cache,
         )
 
 
@@ -311,6 +338,7 @@ def result_record(job: UnlearnJob, result: UnlearnResult) -> dict:
     return {
         "time_s": result.time_s,
         "prep_s": result.prep_s,
+        "prep_cached": result.prep_cached,
         "peak_mem_mb": result.peak_mem_mb,
         "steps": job.steps,
         "batch_size": job.batch_size,
@@ -421,34 +449,240 @@ def evaluate_checkpoints(
 
 
 # ------------------------------------------------------------------------------------------- demo
-def base_checkpoints(train: bool, seed: int, cache: str, device: str, progress: bool) -> tuple[str, str]:
-    """Shipped digits checkpoints, or (``train``) ones made by ``train_base`` and cached per seed."""
+DEMO_DATA = ("digits", "mnist5k")  # the embedded data sets the demo runs on
+
+
+def base_checkpoints(
+    data: str, train: bool, seed: int, cache: str, device: str, progress: bool
+) -> tuple[str, str]:
+    """Shipped checkpoints for ``data``, or (``train``) ones made by ``train_base``, cached per seed."""
     if not train:
-        return SHIPPED_UNET, SHIPPED_CLASSIFIER
-    folder = os.path.join(cache, f"digits-base-seed{seed}")
+        unet, clf = shipped(data, "unet"), shipped(data, "classifier")
+        if unet is None or clf is None:
+            raise UsageError(f"no shipped base checkpoints for {data}: pass --checkpoint and --classifier")
+        return unet, clf
+    folder = os.path.join(cache, f"{data}-base-seed{seed}")
     paths = os.path.join(folder, "unet.safetensors"), os.path.join(folder, "classifier.safetensors")
     if not all(os.path.isfile(p) for p in paths):
         print(f"training the base DDPM and the classifier (seed {seed}) into {folder}", flush=True)
-        train_base("digits", folder, seed=seed, device=device, progress=progress)
+        train_base(data, folder, seed=seed, device=device, progress=progress)
     return paths
+
+
+def retrain_checkpoint(
+    data: str, forget_class: int, base_path: str, cache: str, device: str, progress: bool
+) -> str:
+    """The Retrain reference for ``forget_class``: the shipped one, else one trained here with the base
+    model's own recipe (its provenance: preset, seed, steps, batch size, lr) on D without the class,
+    cached in ``cache``. Training takes as long as the base model's did (tqdm shows progress)."""
+    path = shipped(data, "retrain", forget_class)
+    if path:
+        return path
+    _, recipe = load_unet(base_path)
+    folder = os.path.join(cache, f"{data}-retrain-c{forget_class}-{_file_digest(base_path)[:12]}")
+    path = os.path.join(folder, "unet.safetensors")
+    if not os.path.isfile(path):
+        print(
+            f"training the Retrain reference (no class {forget_class}, the base recipe) into {folder}",
+            flush=True,
+        )
+        train_base(
+            data,
+            folder,
+            what="unet",
+            exclude_class=forget_class,
+            unet_steps=recipe.get("steps", 3000),
+            batch_size=recipe.get("batch_size", 128),
+            lr=recipe.get("lr", 1e-3),
+            preset=recipe.get("preset"),
+            seed=recipe.get("seed", 0),
+            device=device,
+            progress=progress,
+        )
+    return path
 
 
 def _eval_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@dataclass
+class DemoContext:
+    """What every seed of a demo shares: data, models, settings, folders."""
+
+    data: ImageData
+    data_name: str
+    forget_class: int
+    unet: object
+    classifier: object
+    classifier_path: str
+    references: dict[str, str]  # "base"/"retrain" → checkpoint path
+    runs: list[Run]
+    lr: float
+    es: EvalSettings
+    bootstrap: int
+    cache: str
+    resume: bool
+    progress: bool
+    inputs: dict  # identify the data and base model in each run's configuration (see .resume)
+
+
+def evaluate_reference(ctx: DemoContext, name: str, es: EvalSettings) -> dict:
+    """Metrics (and bootstrap half-widths) of the base or Retrain model, cached across runs by the
+    checkpoint and classifier digests, the settings and the class."""
+    path = ctx.references[name]
+    key = _eval_key(
+        "no-fake-zeros",
+        _file_digest(path),
+        _file_digest(ctx.classifier_path),
+        asdict(es),
+        ctx.forget_class,
+        ctx.bootstrap,
+    )
+    cached = os.path.join(ctx.cache, f"{name}-eval-{key}.safetensors")
+    if os.path.isfile(cached):
+        print(f"{name} model: evaluation cached in {cached}", flush=True)
+        return load_state(cached)
+    unet = (
+        ctx.unet
+        if name == "base"
+        else load_checked(ctx.data, path, None, next(ctx.unet.parameters()).device)[0]
+    )
+    metrics, images, labels, ci = evaluate_model(unet, ctx, es, name)
+    # no time or memory: the reference models have no unlearning stage
+    entry = {"metrics": {**metrics, **({"ci95": ci} if ci else {})}, "images": images, "labels": labels}
+    save_state(cached, entry)
+    return entry
+
+
+def evaluate_model(unet, ctx: DemoContext, es: EvalSettings, desc: str) -> tuple[dict, Tensor, Tensor, dict]:
+    """(metrics, samples, labels, bootstrap half-widths or {}) for one model; a model whose samples or
+    features are not finite gets ``{"failed": reason}`` as its metrics instead of stopping the demo."""
+    images, labels = generate(unet, ctx.data.num_classes, es, f"eval {desc}", ctx.progress)
+    real = ctx.data.images[ctx.data.labels != ctx.forget_class]
+    try:
+        scores = score_samples(ctx.classifier, images, labels, real, ctx.forget_class)
+    except EvaluationError as e:
+        print(f"{desc}: evaluation failed: {e}", flush=True)
+        return {"failed": str(e)}, images, labels, {}
+    ci = bootstrap_ci95(scores, ctx.bootstrap, es.seed) if ctx.bootstrap else {}
+    return metrics_from_scores(scores), images, labels, ci
+
+
+def run_job(ctx: DemoContext, run: Run, seed: int, hparams: dict) -> tuple[UnlearnJob, dict]:
+    """The job of ``run`` on ``seed`` and its configuration as ``--resume`` checks it (the run's
+    settings, the data, base model and classifier digests, the evaluation settings)."""
+    job = UnlearnJob(run.method, ctx.forget_class, run.steps, run.batch_size, ctx.lr, seed, hparams)
+    evaluation = asdict(dataclasses.replace(ctx.es, seed=seed))
+    config = {**job.config(**ctx.inputs), "classifier": _file_digest(ctx.classifier_path)}
+    return job, {**config, "evaluation": evaluation}
+
+
+def check_done_rows(ctx: DemoContext, seeds: range, out: str) -> None:
+    """Before anything runs: every finished row that ``--resume`` would reuse was made with this
+    configuration (a MATCHED row, whose weight comes from EraseDiff's run, is checked when reused)."""
+    for seed in seeds:
+        state_dir = os.path.join(out if len(seeds) == 1 else os.path.join(out, f"seed{seed}"), "state")
+        for run in ctx.runs:
+            done = os.path.join(state_dir, f"{run.label}.json")
+            if run.label != MATCHED and os.path.isfile(done):
+                stored = read_json(done).get("config")
+                check_resume(
+                    done, stored, run_job(ctx, run, seed, dict(run.hparams))[1], hp_prefix=f"{run.label}."
+                )
+
+
+def run_seed(ctx: DemoContext, seed: int, out: str) -> tuple[dict[str, dict], dict[str, list]]:
+    """Every model of one seed (unlearning seed = evaluation seed = ``seed``), written into ``out``
+    (``models/``, ``samples_<label>.png``, ``state/``, ``metrics.json``). Returns (records, histories)."""
+    es = dataclasses.replace(ctx.es, seed=seed)
+    state_dir = os.path.join(out, "state")
+    os.makedirs(state_dir, exist_ok=True)
+    refs = {name: evaluate_reference(ctx, name, es) for name in ctx.references}
+    results = {name: ref["metrics"] for name, ref in refs.items()}
+    histories: dict[str, list] = {}
+    retain, forget = split_forget(ctx.data, ctx.forget_class)
+    for run in ctx.runs:
+        done = os.path.join(state_dir, f"{run.label}.json")
+        hparams = dict(run.hparams)
+        if run.label == MATCHED:
+            hparams["forget_weight"] = statistics.fmean(h["lam"] for h in histories["erasediff"])
+        job, config = run_job(ctx, run, seed, hparams)
+        if ctx.resume and os.path.isfile(done):
+            record = read_json(done)
+            check_resume(done, record.get("config"), config, hp_prefix=f"{run.label}.")
+            print(f"{run.label} (seed {seed}): done in a previous run, reusing {done}", flush=True)
+        else:
+            ckpt = os.path.join(state_dir, f"{run.label}.checkpoint.safetensors")
+            result = job.run(ctx.unet, retain, forget, ckpt, ctx.resume, ctx.progress, ctx.inputs, ctx.cache)
+            save_unet(
+                os.path.join(out, "models", f"{run.label}.safetensors"),
+                result.unet,
+                provenance(
+                    base=ctx.references["base"],
+                    method=run.method,
+                    label=run.label,
+                    forget_class=ctx.forget_class,
+                    seed=seed,
+                    **result_record(job, result),
+                ),
+            )
+            metrics, images, labels, ci = evaluate_model(result.unet, ctx, es, run.label)
+            save_sample_grid(
+                os.path.join(out, f"samples_{run.label}.png"),
+                {"base": (refs["base"]["images"], refs["base"]["labels"]), run.label: (images, labels)},
+                title=f"forget class {ctx.forget_class}: base vs {run.label} (seed {seed})",
+            )
+            record = {
+                "config": config,
+                "metrics": {**metrics, **({"ci95": ci} if ci else {}), **result_record(job, result)},
+                "history": result.history,
+            }
+            write_json(done, record)
+            if os.path.exists(ckpt):
+                os.remove(ckpt)
+        results[run.label] = record["metrics"]
+        histories[run.label] = record["history"]
+        m = results[run.label]
+        if "failed" not in m:
+            print(
+                f"{run.label} (seed {seed}): P(y=c_f|x_f) {m['p_forget']:.3f}, remaining acc "
+                f"{m['remaining_accuracy']:.3f}, FID {m['fid']:.3f}",
+                flush=True,
+            )
+    if "retrain" in refs:
+        save_sample_grid(
+            os.path.join(out, "samples_retrain.png"),
+            {name: (refs[name]["images"], refs[name]["labels"]) for name in ("base", "retrain")},
+            title=f"forget class {ctx.forget_class}: base vs Retrain (seed {seed})",
+        )
+    if "erasediff" in histories and "moo" in histories:
+        save_cosine_plot(
+            os.path.join(out, "fig2_cosines.png"), {m: histories[m] for m in ("erasediff", "moo")}
+        )
+    write_json(os.path.join(out, "metrics.json"), results)
+    return results, histories
+
+
 def demo(
     *,
+    data: str = "digits",
     forget_class: int = 0,
     seed: int = 0,
+    seeds: int = 1,
     out: str = "runs/demo",
     methods: tuple[str, ...] = BASELINES,
+    variants: tuple[str, ...] = (),
     steps: int = 300,
     batch_size: int = 64,
+    published_budgets: bool = False,
+    budgets: tuple[str, ...] = (),
     lr: float = 1e-4,
     forget_target: str = "rl",
     hp: tuple[str, ...] = (),
     es: EvalSettings | None = None,
+    bootstrap: int = 0,
+    retrain: bool | str = True,
     device: str = "auto",
     resume: bool = False,
     train: bool = False,
@@ -457,152 +691,139 @@ def demo(
     cache: str | None = None,
     progress: bool = True,
 ) -> dict[str, dict]:
-    """Forget one digit with EraseDiff and ``methods``; evaluate everything; write the report.
+    """Forget one class with EraseDiff and ``methods`` over ``seeds`` seeds; evaluate; write the report.
 
-    Layout of ``out``: ``metrics.json``, ``report.md``, ``samples_<method>.png`` (base vs scrubbed),
-    ``fig2_cosines.png``, ``models/<method>.safetensors``, and ``state/`` (per-model results that
-    ``--resume`` reuses, plus the checkpoint of an interrupted method). ``hp`` holds
-    ``"method.key=value"`` overrides of the methods' defaults.
+    Models: the base model, the Retrain reference (``retrain``: True = shipped or trained here with the
+    base recipe; a path; False = none), and one model per run of :func:`~.comparison.plan_runs`. Seed s
+    (``seed`` … ``seed + seeds − 1``) is both the unlearning and the evaluation seed.
+
+    Layout of ``out`` with one seed: ``metrics.json``, ``table.md``, ``report.md``, ``noise_floor.json``,
+    ``samples_<label>.png``, ``fig2_cosines.png``, ``models/<label>.safetensors`` and ``state/``
+    (per-model results that ``resume`` reuses, and the checkpoint of an interrupted run). With several
+    seeds each seed gets that layout in ``out/seed<s>/`` and the top-level ``metrics.json`` holds, per
+    label, the means under the usual keys plus ``ci95`` (95% Student-t half-widths over seeds),
+    ``gap_to_retrain`` and, for EraseDiff-like runs, the distribution of λ. ``bootstrap`` > 0 adds
+    bootstrap half-widths over the evaluation samples (used as ``ci95`` when there is one seed).
     """
     t_start = time.perf_counter()
     es = es or EvalSettings(seed=seed)
     check_steps(steps, batch_size)
+    if seeds < 1 or bootstrap < 0:
+        raise UsageError(f"--seeds must be ≥ 1 and --bootstrap ≥ 0, got {seeds} and {bootstrap}")
+    if data not in DEMO_DATA:
+        raise UsageError(f"the demo runs on {' or '.join(DEMO_DATA)}, got {data!r}")
     check_output_dir(out)
     dev = resolve_device(device)
-    data = load_data("digits")
-    check_class(forget_class, data.num_classes)
-    unknown = [m for m in methods if m not in BASELINES]
-    if unknown:
-        raise UsageError(f"unknown baseline(s) {', '.join(unknown)}; expected some of {', '.join(BASELINES)}")
-    pairs: dict[str, list[str]] = {m: [] for m in ("erasediff", *methods)}
-    for m in ("erasediff", "moo"):
-        if m in pairs:
-            pairs[m].append(f"forget_target={forget_target}")
-    for item in hp:
-        method, dot, pair = item.partition(".")
-        if not dot or method not in METHODS:
-            raise UsageError(f"--hp expects METHOD.KEY=VALUE with a known method, got {item!r}")
-        if method in pairs:  # settings of methods not run this time are ignored
-            pairs[method].append(pair)
-    hparams = {m: parse_hparams(m, p) for m, p in pairs.items()}
+    image_data = load_data(data)
+    check_class(forget_class, image_data.num_classes)
+    runs = plan_runs(
+        methods,
+        variants=variants,
+        hp=hp,
+        forget_target=forget_target,
+        steps=steps,
+        batch_size=batch_size,
+        published=published_budgets,
+        budgets=budgets,
+    )
     cache = cache_dir(cache)
     if train and (checkpoint or classifier):
         raise UsageError(
             "--train-base trains its own base models; do not also pass --checkpoint/--classifier"
         )
-    shipped = base_checkpoints(train, seed, cache, device, progress)
-    unet_path, clf_path = checkpoint or shipped[0], classifier or shipped[1]
-    unet, clf, _ = load_checked(data, unet_path, clf_path, dev)
-    retain, forget = split_forget(data, forget_class)
-    state_dir = os.path.join(out, "state")
-    os.makedirs(state_dir, exist_ok=True)
-
-    # Base model: evaluated once per (checkpoint, classifier, settings, class) and cached across runs.
-    digests = {"base": _file_digest(unet_path), "classifier": _file_digest(clf_path)}
-    inputs = {"data": "digits", "base": digests["base"]}
-    jobs = {m: UnlearnJob(m, forget_class, steps, batch_size, lr, seed, hp) for m, hp in hparams.items()}
-    # A finished row is reused only if it was made with this configuration and evaluation; all are
-    # checked before anything runs.
-    configs = {
-        m: {**job.config(**inputs), "classifier": digests["classifier"], "evaluation": asdict(es)}
-        for m, job in jobs.items()
-    }
-    for m, config in configs.items():
-        done = os.path.join(state_dir, f"{m}.json")
-        if resume and os.path.isfile(done):
-            check_resume(done, read_json(done).get("config"), config, hp_prefix=f"{m}.")
-    key = _eval_key("no-fake-zeros", digests["base"], digests["classifier"], asdict(es), forget_class)
-    base_cache = os.path.join(cache, f"base-eval-{key}.safetensors")
-    if os.path.isfile(base_cache):
-        base = load_state(base_cache)
-        print(f"base model: evaluation cached in {base_cache}", flush=True)
+    if checkpoint and classifier:
+        unet_path, clf_path = checkpoint, classifier
     else:
-        metrics, images, labels = evaluate_unet(unet, clf, data, forget_class, es, "base", progress=progress)
-        base = {
-            "metrics": metrics,  # no time or memory: the base model has no unlearning stage
-            "images": images,
-            "labels": labels,
-        }
-        save_state(base_cache, base)
-    results = {"base": base["metrics"]}
-    histories = {}
-    for method in ("erasediff", *methods):
-        done = os.path.join(state_dir, f"{method}.json")
-        if resume and os.path.isfile(done):
-            record = read_json(done)
-            print(f"{method}: done in a previous run, reusing {done}", flush=True)
-        else:
-            job = jobs[method]
-            ckpt = os.path.join(state_dir, f"{method}.checkpoint.safetensors")
-            result = job.run(unet, retain, forget, ckpt, resume, progress, inputs)
-            save_unet(
-                os.path.join(out, "models", f"{method}.safetensors"),
-                result.unet,
-                provenance(
-                    base=unet_path,
-                    method=method,
-                    forget_class=forget_class,
-                    seed=seed,
-                    **result_record(job, result),
-                ),
-            )
-            metrics, images, labels = evaluate_unet(
-                result.unet, clf, data, forget_class, es, f"eval {method}", progress=progress
-            )
-            save_sample_grid(
-                os.path.join(out, f"samples_{method}.png"),
-                {"base": (base["images"], base["labels"]), method: (images, labels)},
-                title=f"forget digit {forget_class}: base vs {method}",
-            )
-            record = {
-                "config": configs[method],
-                "metrics": {**metrics, **result_record(job, result)},
-                "history": result.history,
-            }
-            write_json(done, record)
-            if os.path.exists(ckpt):
-                os.remove(ckpt)
-        results[method] = record["metrics"]
-        histories[method] = record["history"]
-        if "failed" not in results[method]:
-            print(
-                f"{method}: P(y=c_f|x_f) {results[method]['p_forget']:.3f}, remaining acc "
-                f"{results[method]['remaining_accuracy']:.3f}, FID {results[method]['fid']:.3f}",
-                flush=True,
-            )
-
-    figures = [f"samples_{m}.png" for m in ("erasediff", *methods)]
-    if "moo" in histories:
-        save_cosine_plot(
-            os.path.join(out, "fig2_cosines.png"), {m: histories[m] for m in ("erasediff", "moo")}
+        defaults = base_checkpoints(data, train, seed, cache, device, progress)
+        unet_path, clf_path = checkpoint or defaults[0], classifier or defaults[1]
+    unet, clf, _ = load_checked(image_data, unet_path, clf_path, dev)
+    references = {"base": unet_path}
+    if retrain:
+        references["retrain"] = (
+            retrain
+            if isinstance(retrain, str)
+            else retrain_checkpoint(data, forget_class, unet_path, cache, device, progress)
         )
-        figures.insert(0, "fig2_cosines.png")
-    write_json(os.path.join(out, "metrics.json"), results)
+        load_checked(image_data, references["retrain"], None, dev)
+    ctx = DemoContext(
+        image_data,
+        data,
+        forget_class,
+        unet,
+        clf,
+        clf_path,
+        references,
+        runs,
+        lr,
+        es,
+        bootstrap,
+        cache,
+        resume,
+        progress,
+        {"data": data, "base": _file_digest(unet_path)},
+    )
+    if resume:
+        check_done_rows(ctx, range(seed, seed + seeds), out)
+
+    per_seed, histories = [], {}
+    for s in range(seed, seed + seeds):
+        seed_out = out if seeds == 1 else os.path.join(out, f"seed{s}")
+        results, hist = run_seed(ctx, s, seed_out)
+        per_seed.append(results)
+        for label, h in hist.items():
+            histories.setdefault(label, []).append(h)
+    summary = aggregate(per_seed, histories)
+    real = image_data.images[image_data.labels != forget_class]
+    floor = {
+        "real_halves": real_split_floor(classifier_features(clf)(real)),
+        "n_real": len(real),
+        "evaluation": asdict(es),
+        "base_over_seeds": summary["base"].get("ci95", {}),
+    }
+    write_json(os.path.join(out, "noise_floor.json"), floor)
+    write_json(os.path.join(out, "metrics.json"), summary)
     settings = {
-        "data": "digits (scikit-learn, 8×8)",
+        "data": data,
         "forget class": forget_class,
-        "seed": seed,
-        "steps": steps,
-        "batch size": batch_size,
+        "seeds": list(range(seed, seed + seeds)),
         "lr": lr,
-        "forget target": forget_target,
+        "runs": {r.label: f"{r.method} {r.steps}×{r.batch_size} {r.hparams}" for r in runs},
         "base checkpoint": os.path.relpath(unet_path),
         "classifier": os.path.relpath(clf_path),
-        "evaluation": asdict(es),
+        "retrain checkpoint": os.path.relpath(references["retrain"]) if "retrain" in references else None,
+        "evaluation": {**asdict(es), "seed": "= unlearning seed", "bootstrap rounds": bootstrap},
         "device": str(dev),
-        "hyperparameters": {m: asdict(METHODS[m].Hyper(**hp)) for m, hp in hparams.items()},
         "wall time (s)": round(time.perf_counter() - t_start, 1),
     }
+    figures = [f"samples_{name}.png" for name in ("retrain", *(r.label for r in runs)) if name in summary]
+    if seeds > 1:
+        figures = [f"seed{seed}/{f}" for f in figures]
+    if "moo" in summary:
+        figures.insert(0, "fig2_cosines.png" if seeds == 1 else f"seed{seed}/fig2_cosines.png")
     write_report(
         os.path.join(out, "report.md"),
-        f"Forgetting digit {forget_class} (DDPM on digits)",
-        results,
+        f"Forgetting class {forget_class} (DDPM on {data})",
+        summary,
         settings,
-        acceptance_notes(results),
+        [*noise_floor_notes(floor), *acceptance_notes(summary)],
         figures,
     )
-    write_text(os.path.join(out, "table.md"), metrics_table(results))
-    return results
+    write_text(os.path.join(out, "table.md"), metrics_table(summary) + "\n" + gap_table(summary))
+    return summary
+
+
+def noise_floor_notes(floor: dict) -> list[str]:
+    halves = floor["real_halves"]
+    notes = [
+        f"Noise floor, real data: between two random disjoint halves of the {floor['n_real']} real "
+        f"remaining-class images (10 splits), FID {halves['fid']['mean']:.3f} "
+        f"± {halves['fid']['sd']:.3f} (sd), "
+        f"precision {halves['precision']['mean']:.3f}, recall {halves['recall']['mean']:.3f}.",
+    ]
+    if floor["base_over_seeds"]:
+        spread = ", ".join(f"{k} ±{v:.3f}" for k, v in floor["base_over_seeds"].items() if k in METRICS)
+        notes.append(f"Noise floor, evaluation seeds: the base model's 95% half-widths over seeds: {spread}.")
+    return notes
 
 
 def acceptance_notes(results: dict[str, dict]) -> list[str]:

@@ -7,13 +7,14 @@ and Stable Diffusion. Notation: x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε, with t ~
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from .models import null_class
 
 EpsFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 FORGET_TARGETS = ("rl", "noise")
@@ -33,9 +34,19 @@ def unet_eps(unet) -> EpsFn:
     return lambda x_t, t, c: unet(x_t, t, class_labels=c).sample
 
 
-def diffuse(scheduler, x0: Tensor, cond: Tensor, generator: torch.Generator) -> Noised:
-    """Draw t ~ U{0..T−1}, ε ~ N(0, I) from a CPU ``generator`` and form x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε."""
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+def antithetic_timesteps(n: int, num_timesteps: int, generator: torch.Generator) -> Tensor:
+    """t = [t₀, T−1−t₀][:n] with t₀ ~ U{0..T−1}^(⌊n/2⌋+1): the antithetic draw of SA's and SalUn's
+    DDPM releases (``t = torch.cat([t, T - t - 1])[:n]``)."""
+    half = torch.randint(0, num_timesteps, (n // 2 + 1,), generator=generator)
+    return torch.cat([half, num_timesteps - 1 - half])[:n]
+
+
+def diffuse(
+    scheduler, x0: Tensor, cond: Tensor, generator: torch.Generator, t: Tensor | None = None
+) -> Noised:
+    """x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε with ε ~ N(0, I) from a CPU ``generator``; t ~ U{0..T−1} unless given."""
+    if t is None:
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
     t, noise = t.to(x0.device), noise.to(x0.device)
     return Noised(scheduler.add_noise(x0, noise, t), t, noise, cond)
@@ -44,6 +55,24 @@ def diffuse(scheduler, x0: Tensor, cond: Tensor, generator: torch.Generator) -> 
 def denoising_loss(eps_fn: EpsFn, b: Noised) -> Tensor:
     """L = E‖ε − ε_θ(x_t | c)‖² (Eq. 1; the retain loss L_r on D_r, the DDPM training loss)."""
     return F.mse_loss(eps_fn(b.x_t, b.t, b.cond), b.noise)
+
+
+def pixel_sum_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """(1/B) Σ_i ‖target_i − prediction_i‖², squared error summed over pixels, averaged over the batch.
+
+    The DDPM loss of the Selective Amnesia and SalUn releases (``noise_estimation_loss``:
+    ``(e - output).square().sum(dim=(1, 2, 3)).mean(dim=0)``): d times :func:`denoising_loss`'s pixel mean.
+    """
+    return (target - prediction).square().flatten(1).sum(1).mean()
+
+
+def drop_labels(cond: Tensor, null: int, p: float, generator: torch.Generator) -> Tensor:
+    """c̃ = ∅ (the null class) with probability ``p`` per sample, else c: the releases' ``cond_drop_prob``,
+    which their model applies inside every training-mode forward pass."""
+    if p <= 0:
+        return cond
+    drop = (torch.rand(cond.shape, generator=generator) < p).to(cond.device)
+    return torch.where(drop, torch.full_like(cond, null), cond)
 
 
 def other_labels(labels: Tensor, num_classes: int, generator: torch.Generator) -> Tensor:
@@ -78,68 +107,67 @@ def forget_loss(eps_fn: EpsFn, b: Noised, target: Tensor) -> Tensor:
 
 
 def saliency_mask(scores: dict[str, Tensor], keep: float = 0.5) -> dict[str, Tensor]:
-    """SalUn weight saliency: 1 for the globally top-``keep`` fraction of |∇L_f| entries, else 0.
+    """SalUn weight saliency: 1 for the ⌊keep·n⌋ entries of largest |score| over all tensors, else 0.
 
-    ``scores`` maps parameter names to |∇_θ L_f| accumulated over the forget data. Ties at the
-    threshold are kept, so slightly more than ``keep`` may survive.
+    ``scores`` maps parameter names to ∇_θ L_f accumulated over the forget data. As in SalUn's
+    ``generate_mask`` (a global rank, ``ranks < int(n * keep)``), exactly ⌊keep·n⌋ entries survive
+    (at least one); ties at the threshold are broken by position.
     """
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     flat = torch.cat([s.detach().abs().flatten().float() for s in scores.values()])
-    k = max(1, round(keep * flat.numel()))
-    threshold = flat.kthvalue(flat.numel() - k + 1).values
-    return {name: (s.detach().abs().float() >= threshold).to(s.dtype) for name, s in scores.items()}
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    chosen[flat.topk(max(1, int(keep * flat.numel())), sorted=False).indices] = True
+    out, start = {}, 0
+    for name, s in scores.items():
+        out[name] = chosen[start : start + s.numel()].view(s.shape).to(s.dtype)
+        start += s.numel()
+    return out
 
 
-def per_sample_grad_squares(
-    model: nn.Module, loss_fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], chunk: int = 32
+def timestep_summed_fisher(
+    unet,
+    scheduler,
+    x0: Tensor,
+    cond: Tensor,
+    generator: torch.Generator,
+    *,
+    label_dropout: float,
+    n_chunks: int = 20,
+    timesteps: Tensor | None = None,
+    progress: bool = False,
 ) -> dict[str, Tensor]:
-    """Σ_i (∇_θ ℓ_i)² over samples i, with ℓ_i = ``loss_fn(model_output_fn, *inputs_i)``.
+    """Selective Amnesia's diagonal Fisher: F = (1/N) Σ_i (∇_θ Σ_t ℓ_i(t))², with
+    ℓ_i(t) = ‖ε_{i,t} − ε_θ(√ᾱ_t x_i + √(1−ᾱ_t) ε_{i,t}, t | c̃_{i,t})‖² summed over pixels.
 
-    ``loss_fn(call, *sample)`` receives ``call(*args, **kwargs)`` (the model evaluated at the
-    parameters being differentiated) and one un-batched sample. Uses ``torch.func.vmap(grad(·))``:
-    one batched backward per chunk instead of one backward per sample. The model runs in eval mode.
+    As in the release's ``save_fim``: the per-sample loss is summed over *all* T timesteps (one fresh ε
+    per (i, t); c̃ = ∅ with probability ``label_dropout``, the model's training-mode condition drop)
+    before the gradient is squared, and the squares are averaged over the N samples. The timesteps are
+    processed in ``n_chunks`` batches whose gradients accumulate (memory only; the sum is the same).
+    The model runs in eval mode, as in the release. ``timesteps`` (default 0..T−1) exists for tests.
     """
-    from torch.func import functional_call, grad, vmap
+    from tqdm.auto import tqdm
 
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    buffers = {k: v.detach() for k, v in model.named_buffers()}
-
-    def sample_loss(p, *sample):
-        def call(*args, **kwargs):
-            return functional_call(model, (p, buffers), args, kwargs)
-
-        return loss_fn(call, *sample)
-
-    per_sample = vmap(grad(sample_loss), in_dims=(None,) + (0,) * len(inputs))
-    total = {k: torch.zeros_like(v) for k, v in params.items()}
-    was_training = model.training
-    model.eval()  # deterministic (no dropout): vmap refuses random ops by default
-    with warnings.catch_warnings():  # SDPA has no vmap batching rule yet; the fallback is correct
-        warnings.filterwarnings("ignore", message=".*performance drop.*")
-        for start in range(0, len(inputs[0]), chunk):
-            grads = per_sample(params, *(x[start : start + chunk] for x in inputs))
-            for k, g in grads.items():
-                total[k] += g.pow(2).sum(0)
-    model.train(was_training)
-    return total
-
-
-def denoising_fisher(
-    unet, scheduler, x0: Tensor, cond: Tensor, generator: torch.Generator, chunk: int = 32
-) -> dict[str, Tensor]:
-    """Diagonal Fisher F = E_i[(∇_θ ℓ_i)²] of the denoising loss ℓ_i = ‖ε_i − ε_θ(x_t,i | c_i)‖²/d.
-
-    One (t, ε) draw per sample (Selective Amnesia sums over timesteps; repeat samples for more draws).
-    """
-    b = diffuse(scheduler, x0, cond, generator)
-
-    def loss_fn(call, x_t, t, noise, c):
-        out = call(x_t[None], t[None], class_labels=c[None]).sample
-        return F.mse_loss(out, noise[None])
-
-    sums = per_sample_grad_squares(unet, loss_fn, (b.x_t, b.t, b.noise, b.cond), chunk)
-    return {k: v / len(x0) for k, v in sums.items()}
+    ts = torch.arange(scheduler.config.num_train_timesteps) if timesteps is None else timesteps
+    chunks = torch.chunk(ts, n_chunks)
+    eps, null = unet_eps(unet), null_class(unet)
+    params = dict(unet.named_parameters())
+    fisher = {k: torch.zeros_like(p) for k, p in params.items()}
+    was_training = unet.training
+    unet.eval()
+    for i in tqdm(range(len(x0)), desc="SA Fisher (Σ over T)", disable=not progress):
+        unet.zero_grad(set_to_none=True)
+        for t in chunks:
+            x = x0[i : i + 1].expand(len(t), *x0.shape[1:])
+            c = drop_labels(cond[i : i + 1].expand(len(t)), null, label_dropout, generator)
+            b = diffuse(scheduler, x, c, generator, t)
+            (b.noise - eps(b.x_t, b.t, b.cond)).square().sum().backward()
+        for k, p in params.items():
+            if p.grad is not None:
+                fisher[k] += p.grad.square()
+    unet.zero_grad(set_to_none=True)
+    unet.train(was_training)
+    return {k: f / len(x0) for k, f in fisher.items()}
 
 
 def ewc_penalty(

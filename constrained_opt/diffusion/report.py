@@ -28,7 +28,15 @@ COLUMNS = (
 )
 DISPLAY = {
     "base": "Unscrubbed (base)",
+    "retrain": "Retrain (no class c_f)",
     "erasediff": "EraseDiff",
+    "erasediff_shared_adam": "EraseDiff, inner steps via outer Adam",
+    "moo_matched": "MOO, w = EraseDiff's mean λ",
+    "moo_w0.3": "MOO, w = 0.3",
+    "moo_w3": "MOO, w = 3",
+    "shared_adam_k1": "EraseDiff, inner step via outer Adam, K = 1",
+    "shared_adam_k3": "EraseDiff, inner steps via outer Adam, K = 3",
+    "eta_coupled": "EraseDiff, η = 1e-4 (the paper's coupling)",
     "finetune": "Finetune (FT)",
     "neggrad": "NegGrad (NG)",
     "moo": "MOO (scalarised Eq. 3)",
@@ -37,22 +45,25 @@ DISPLAY = {
 }
 
 
-def _cell(value, fmt: str) -> str:
+def _cell(value, fmt: str, half=None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    return fmt.format(value)
+    if half is None or (isinstance(half, float) and math.isnan(half)):
+        return fmt.format(value)
+    return f"{fmt.format(value)} ± {fmt.format(half)}"
 
 
-def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
-    """Markdown table, one row per model, only the columns some model has; a model whose evaluation
-    failed (``{"failed": reason}``) has "–" cells and its reason listed below the table."""
+def metrics_table(metrics: dict[str, dict]) -> str:
+    """Markdown table, one row per model, only the columns some model has; ``mean ± half-width`` where
+    the row has a 95% interval (``ci95``). A model whose evaluation failed (``{"failed": reason}``) has
+    "–" cells and its reason listed below the table."""
     cols = [c for c in COLUMNS if any(c[0] in m for m in metrics.values())]
     lines = [
         "| Model | " + " | ".join(title for _, title, _ in cols) + " |",
         "|---|" + "---:|" * len(cols),
     ]
     for name, m in metrics.items():
-        cells = [_cell(m.get(key), fmt) for key, _, fmt in cols]
+        cells = [_cell(m.get(key), fmt, m.get("ci95", {}).get(key)) for key, _, fmt in cols]
         lines.append(f"| {DISPLAY.get(name, name)} | " + " | ".join(cells) + " |")
     failed = [
         f"- {DISPLAY.get(n, n)}: evaluation failed: {m['failed']}"
@@ -60,6 +71,26 @@ def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
         if "failed" in m
     ]
     return "\n".join(lines) + "\n" + "".join(f"\n{line}" for line in failed) + ("\n" if failed else "")
+
+
+GAP_COLUMNS = [c for c in COLUMNS if c[0] in ("p_forget", "remaining_accuracy", "fid", "precision", "recall")]
+
+
+def gap_table(metrics: dict[str, dict]) -> str:
+    """|metric − Retrain's| per model and metric (as SalUn's tables report the gap to Retrain), with
+    95% half-widths where known; empty when there is no Retrain row."""
+    rows = {name: m for name, m in metrics.items() if "gap_to_retrain" in m}
+    if not rows:
+        return ""
+    lines = [
+        "| Gap to Retrain | " + " | ".join(title.rstrip(" ↑↓") for _, title, _ in GAP_COLUMNS) + " |",
+        "|---|" + "---:|" * len(GAP_COLUMNS),
+    ]
+    for name, m in rows.items():
+        gaps, halves = m["gap_to_retrain"], m.get("gap_ci95", {})
+        cells = [_cell(gaps.get(key), fmt, halves.get(key)) for key, _, fmt in GAP_COLUMNS]
+        lines.append(f"| {DISPLAY.get(name, name)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _grid(images: Tensor, labels: Tensor, per_row: int):
@@ -132,6 +163,9 @@ def render_report(
     lines = [f"# {title}", "", "## Settings", ""]
     lines += [f"- {k}: `{v}`" for k, v in settings.items()]
     lines += ["", "## Results", "", metrics_table(metrics)]
+    gaps = gap_table(metrics)
+    if gaps:
+        lines += ["", gaps]
     lines += [f"- {n}" for n in notes]
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
