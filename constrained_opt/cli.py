@@ -317,6 +317,9 @@ def _evaluate(p: argparse.ArgumentParser) -> Runner:
 from .diffusion.sd.cli import register as _register_sd  # noqa: E402
 
 _register_sd(command, unlearn_target, _add_common)  # `unlearn sd` and `sd {generate,nudenet,ua,...}`
+from .diffusion.attacks_cli import register as _register_attacks  # noqa: E402
+
+_register_attacks(command, _add_common)  # `attack {ddpm,sd}`
 
 
 def build_parser() -> argparse.ArgumentParser:
