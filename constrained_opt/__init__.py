@@ -1,4 +1,4 @@
-"""constrained_opt: constrained two-objective training as a drop-in torch.optim optimizer.
+"""constrained_opt: constrained multi-objective training as a drop-in torch.optim optimizer.
 
 The core needs only torch and numpy; the diffusion applications live in
 :mod:`constrained_opt.diffusion`, which imports diffusers lazily.
@@ -6,21 +6,32 @@ The core needs only torch and numpy; the diffusion applications live in
 
 from . import rules
 from .checkpoint import load_checkpoint, save_checkpoint
-from .functional import Gram, gram, kkt_direction, kkt_multiplier
-from .optimizer import ClosureError, StepStats, ValueFunctionBilevelOptimizer
+from .functional import Gram, gram, kkt_direction, kkt_multiplier, kkt_solve
+from .optimizer import (
+    ClosureError,
+    Closures,
+    MicroBatches,
+    StepStats,
+    UpdateError,
+    ValueFunctionBilevelOptimizer,
+)
 from .rules import Combination, Geometry, Rule
 
 __all__ = [
     "ClosureError",
+    "Closures",
     "Combination",
     "Geometry",
     "Gram",
+    "MicroBatches",
     "Rule",
     "StepStats",
+    "UpdateError",
     "ValueFunctionBilevelOptimizer",
     "gram",
     "kkt_direction",
     "kkt_multiplier",
+    "kkt_solve",
     "load_checkpoint",
     "rules",
     "save_checkpoint",

@@ -1,13 +1,16 @@
 """Flat, fused gradient storage for the bilevel optimizer.
 
-For each (device, dtype, sharding) the optimizer owns one contiguous ``(2, n)`` tensor: row 0 holds
-∇g = ∇L_f(θ), row 1 holds ∇L_r. Each parameter's ``.grad`` is set to a view into a row, so autograd
-accumulates straight into the buffer: there is no gather copy, the Gram matrix is three BLAS dots per
-buffer, and δ is one in-place axpy.
+For each (device, dtype, sharding) the optimizer owns one contiguous ``(m + 1, n)`` tensor: rows
+0..m-1 hold the constraint gradients ∇g_i = ∇L_f,i(θ), the last row holds ∇L_r (for two objectives:
+row 0 = ∇g, row 1 = ∇L_r). Each parameter's ``.grad`` is set to a view into a row, so autograd
+accumulates straight into the buffer: there is no gather copy, the Gram matrix is one pass over the
+buffer, and δ is formed in place in the retain row.
 
-Row 1 is free until the retain pass, so during the inner loop it holds the θ snapshot: the inner
-loop costs no memory beyond the two rows when K = 1. Inner gradients at φ^k, k ≥ 2, are left to
-autograd (fresh ``.grad`` tensors, freed after each descent), like any training step's gradients.
+The retain row is free until the retain pass, so during the inner loops it holds the θ snapshot: the
+inner loop costs no memory beyond the m + 1 rows (two rows for one constraint and K = 1). Inner
+gradients at φ^k, k ≥ 2, are left to autograd (fresh ``.grad`` tensors, freed after each descent),
+like any training step's gradients. After the projection the constraint rows are free again; row 0
+then holds θ's snapshot across the base optimizer's step, so a failing base step can be undone.
 
 Sharded parameters (``DTensor``, e.g. from FSDP2's ``fully_shard``) are stored by their local shard:
 the buffer holds this rank's n elements, ``.grad`` is a ``DTensor`` wrapping the view, and the Gram of
@@ -27,9 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-CONSTRAINT_ROW = 0
-RETAIN_ROW = 1
-SNAPSHOT_ROW = RETAIN_ROW  # θ during the inner loop, before the retain pass overwrites it
+CONSTRAINT_ROW = 0  # the first constraint row; θ's snapshot across the base step
+RETAIN_ROW = 1  # the retain row of a two-row buffer (in general the last row)
 
 
 def _dtensor_type() -> type | None:
@@ -91,7 +93,7 @@ class GroupSlice:
     end: int
     params: list[Tensor]
     tensors: list[Tensor]
-    views: tuple[list[Tensor], list[Tensor]]
+    views: tuple[list[Tensor], ...]
 
 
 @dataclass
@@ -107,8 +109,8 @@ class Bucket:
     dtype: torch.dtype
     rows: Tensor
     params: list[Tensor]
-    views: tuple[list[Tensor], list[Tensor]]
-    grads: tuple[list[Tensor], list[Tensor]]
+    views: tuple[list[Tensor], ...]
+    grads: tuple[list[Tensor], ...]
     groups: list[GroupSlice]
     shard_groups: list[Any]
 
@@ -140,14 +142,18 @@ class Bucket:
         """The local data of the gradients autograd allocated (parameters it did not reach have none)."""
         return [local_tensor(p.grad) for p in self.params if p.grad is not None]
 
-    def save_theta(self) -> None:
-        """Copy θ into the snapshot row."""
-        for gs in self.groups:
-            torch._foreach_copy_(gs.views[SNAPSHOT_ROW], gs.tensors)
+    @property
+    def retain_row(self) -> int:
+        return self.rows.shape[0] - 1
 
-    def restore_theta(self) -> None:
+    def save_theta(self, row: int) -> None:
+        """Copy θ into ``row``."""
         for gs in self.groups:
-            torch._foreach_copy_(gs.tensors, gs.views[SNAPSHOT_ROW])
+            torch._foreach_copy_(gs.views[row], gs.tensors)
+
+    def restore_theta(self, row: int) -> None:
+        for gs in self.groups:
+            torch._foreach_copy_(gs.tensors, gs.views[row])
 
     def descend(self, row: int | None, inner_lrs: list[float]) -> None:
         """φ ← φ − ξ_group · grad for each param group (plain gradient descent, no optimizer state),
@@ -179,10 +185,18 @@ def _offsets(tensors: list[Tensor], start: int) -> list[int]:
 class FlatLayout:
     """Buckets for the trainable parameters of a list of param groups."""
 
-    def __init__(self, param_groups: list[dict]) -> None:
+    def __init__(self, param_groups: list[dict], rows: int = 2) -> None:
         by_key: dict[tuple, list[tuple[int, Tensor]]] = {}
+        seen: set[int] = set()
         for gi, group in enumerate(param_groups):
             for p in group["params"]:
+                if id(p) in seen:
+                    raise ValueError(
+                        f"a parameter of shape {tuple(p.shape)} appears twice in the param groups "
+                        f"(group {gi}); its gradient would be counted twice in every inner product: pass "
+                        "each parameter once"
+                    )
+                seen.add(id(p))
                 if p.requires_grad:
                     if not p.is_floating_point():
                         raise TypeError(f"parameter of dtype {p.dtype} cannot be optimized; freeze it")
@@ -191,23 +205,29 @@ class FlatLayout:
                     by_key.setdefault((p.device, p.dtype, _sharding(p)), []).append((gi, p))
         if not by_key:
             raise ValueError("no trainable parameters: every parameter has requires_grad=False")
-        self.buckets = [self._bucket(*key, entries) for key, entries in by_key.items()]
+        self.buckets = [self._bucket(*key, entries, rows) for key, entries in by_key.items()]
         self.params = [p for b in self.buckets for p in b.params]
         self.param_ids = frozenset(id(p) for p in self.params)
         self.sharded = any(key[2] is not None for key in by_key)
         self.numel = sum(b.rows.shape[1] for b in self.buckets)
+        self.rows = rows
+        self.retain_row = rows - 1
 
     @staticmethod
     def _bucket(
-        device: torch.device, dtype: torch.dtype, sharding: tuple | None, entries: list[tuple[int, Tensor]]
+        device: torch.device,
+        dtype: torch.dtype,
+        sharding: tuple | None,
+        entries: list[tuple[int, Tensor]],
+        k: int,
     ) -> Bucket:
         params = [p for _, p in entries]
         tensors = [local_tensor(p) for p in params]
         n = sum(t.numel() for t in tensors)
-        rows = torch.zeros(2, n, dtype=dtype, device=tensors[0].device)
+        rows = torch.zeros(k, n, dtype=dtype, device=tensors[0].device)
         offsets = _offsets(tensors, 0)
         views = tuple(
-            [_view(rows[r], t, off) for t, off in zip(tensors, offsets, strict=True)] for r in (0, 1)
+            [_view(rows[r], t, off) for t, off in zip(tensors, offsets, strict=True)] for r in range(k)
         )
         grads, shard_groups = views, []
         if sharding is not None:
@@ -218,7 +238,7 @@ class FlatLayout:
                     dtensor.from_local(v, mesh, placements, shape=p.shape, stride=p.stride())
                     for p, v in zip(params, views[r], strict=True)
                 ]
-                for r in (0, 1)
+                for r in range(k)
             )
             shard_groups = [mesh.get_group(d) for d, pl in enumerate(placements) if pl.is_shard()]
         groups: list[GroupSlice] = []
@@ -229,17 +249,21 @@ class FlatLayout:
                 j += 1
             end = offsets[j] if j < len(entries) else n
             groups.append(
-                GroupSlice(gi, offsets[i], end, params[i:j], tensors[i:j], (views[0][i:j], views[1][i:j]))
+                GroupSlice(gi, offsets[i], end, params[i:j], tensors[i:j], tuple(v[i:j] for v in views))
             )
             i = j
         return Bucket(device, dtype, rows, params, views, grads, groups, shard_groups)
 
     @staticmethod
-    def key(param_groups: list[dict]) -> tuple:
-        """Identity of the trainable set: rebuild the layout when a parameter is added, frozen,
-        unfrozen, or moved to another device or dtype (new storage)."""
-        return tuple(
-            (id(p), p.requires_grad, local_tensor(p).data_ptr())
-            for group in param_groups
-            for p in group["params"]
+    def key(param_groups: list[dict], rows: int = 2) -> tuple:
+        """Identity of the trainable set and the row count: rebuild the layout when a parameter is
+        added, frozen, unfrozen, or moved to another device or dtype (new storage), or when a step has
+        another number of objectives."""
+        return (
+            rows,
+            *(
+                (id(p), p.requires_grad, local_tensor(p).data_ptr())
+                for group in param_groups
+                for p in group["params"]
+            ),
         )

@@ -1,11 +1,17 @@
-"""Two-objective combination rules: pure functions from gradient geometry to δ's coefficients.
+"""Combination rules: pure functions from gradient geometry to δ's coefficients.
 
-Every rule maps a :class:`Geometry` (the three inner products and the constraint value g) to a
-:class:`Combination` ``(c_r, c_f, a_t)``; the update is δ = c_r ∇L_r + c_f ∇g. Rules never see the
-gradient vectors, so they cost nothing at any model size and never force a host sync.
+Every rule maps a :class:`Geometry` (the Gram of the constraint gradients and the retain gradient, and
+the constraint values g) to a :class:`Combination` ``(c_r, c_f, a_t)``; the update is
+δ = c_r ∇L_r + Σ_i c_f,i ∇g_i. Rules never see the gradient vectors, so they cost nothing at any model
+size and never force a host sync. With one constraint every field is a 0-dim tensor (the formulas of
+the two-objective case, unchanged); with m constraints ``gg`` is [m, m], ``gr``, ``g``, ``c_f`` and
+``a_t`` are [m].
 
-The KKT rules (``grad_norm``, ``value``, ``barrier`` and plain callables) pick a target a_t and take
-c_r = 1, c_f = λ = max(0, (a_t − ∇g·∇L_r)/‖∇g‖²) (Theorem 3.1). The others set the coefficients directly.
+The KKT rules (``grad_norm``, ``value``, ``barrier`` and plain callables) pick targets a_i and take
+c_r = 1, c_f = λ, the solution of min ½‖∇L_r − δ‖² s.t. ∇g_i·δ ≥ a_i (Theorem 3.1 for m = 1; the dual
+QP of :func:`~constrained_opt.functional.dual_qp` for m > 1). ``cosine`` and ``scalarized`` set λ
+directly, per constraint. ``pcgrad``, ``mgda`` and ``upgrad`` aggregate all m + 1 gradients as
+objectives.
 """
 
 from __future__ import annotations
@@ -18,11 +24,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .functional import Gram, kkt_multiplier, safe_cosine
+from . import functional as F
+from .functional import Gram, safe_cosine
 
 
 class Geometry(NamedTuple):
-    """What a rule may look at: ‖∇g‖², ‖∇L_r‖², ∇g·∇L_r (fp32 or fp64 scalars) and g(θ_t)."""
+    """What a rule may look at: ``gg`` = ‖∇g‖² ([m, m] Gram of the constraint gradients for m
+    constraints), ``rr`` = ‖∇L_r‖², ``gr`` = ∇g·∇L_r ([m]) and the constraint values ``g`` = g(θ_t)
+    ([m]); fp32 or fp64 tensors."""
 
     gg: Tensor
     rr: Tensor
@@ -33,29 +42,45 @@ class Geometry(NamedTuple):
     def gram(self) -> Gram:
         return Gram(self.gg, self.rr, self.gr)
 
+    @property
+    def m(self) -> int:
+        return self.gram.m
+
+    def constraint_sq_norms(self) -> Tensor:
+        """‖∇g_i‖² (0-dim for one constraint)."""
+        return self.gram.constraint_sq_norms()
+
 
 class Combination(NamedTuple):
-    """δ = retain_coef·∇L_r + constraint_coef·∇g; ``a_t`` is the KKT target, NaN for non-KKT rules."""
+    """δ = retain_coef·∇L_r + Σ_i constraint_coef_i·∇g_i; ``a_t`` the KKT targets, NaN for non-KKT rules;
+    ``shortfall`` how far δ falls short of each target (0 unless the targets are jointly infeasible)."""
 
     retain_coef: Tensor
     constraint_coef: Tensor
     a_t: Tensor
+    shortfall: Tensor | None = None
 
 
 @dataclass(frozen=True)
 class Rule:
     """A named combination rule with its per-group hyperparameters and their defaults.
 
-    ``fn(geometry, **hyperparameters) -> Combination``. ``unit_retain`` promises c_r = 1, so the
-    optimizer applies δ with a single in-place axpy.
+    ``fn(geometry, **hyperparameters) -> Combination``; with m constraints a hyperparameter may be a
+    [m] tensor (one value per constraint). ``unit_retain`` promises c_r = 1, so the optimizer applies δ
+    with in-place axpys only. ``uses_g``: the rule reads the constraint values g (``value``,
+    ``barrier``, user callables), so the inner loops that measure g change the update. ``objectives``:
+    the rule aggregates any number of objectives symmetrically (``pcgrad``, ``mgda``, ``upgrad``), so it
+    also serves ``step([f_1, ..., f_m])`` without a constraint.
     """
 
     name: str
     fn: Callable[..., Combination]
     hyperparameters: Mapping[str, float]
     unit_retain: bool
+    uses_g: bool = True
+    objectives: bool = False
 
-    def __call__(self, geometry: Geometry, **hyperparameters: float) -> Combination:
+    def __call__(self, geometry: Geometry, **hyperparameters: float | Tensor) -> Combination:
         return self.fn(geometry, **hyperparameters)
 
 
@@ -64,37 +89,41 @@ def _nan(like: Tensor) -> Tensor:
 
 
 def kkt_from_target(geometry: Geometry, a_t: Tensor | float) -> Combination:
-    """c_r = 1, c_f = λ(a_t): the solution of min ½‖∇L_r − δ‖² s.t. ∇g·δ ≥ a_t."""
+    """c_r = 1, c_f = λ(a_t): the solution of min ½‖∇L_r − δ‖² s.t. ∇g_i·δ ≥ a_i."""
     a_t = torch.as_tensor(a_t, dtype=geometry.gg.dtype, device=geometry.gg.device)
-    lam = kkt_multiplier(a_t, geometry.gram)
-    return Combination(torch.ones_like(lam), lam, a_t)
+    if geometry.m > 1:
+        a_t = a_t.expand(geometry.gr.shape)
+    lam, shortfall = F.kkt_solve(a_t, geometry.gram)
+    return Combination(torch.ones_like(geometry.rr), lam, a_t, shortfall)
 
 
-def grad_norm(geometry: Geometry, *, eta: float) -> Combination:
-    """a_t = η‖∇g‖², so λ = max(0, η − ∇g·∇L_r / ‖∇g‖²). The paper's default; independent of K."""
-    return kkt_from_target(geometry, eta * geometry.gg)
+def grad_norm(geometry: Geometry, *, eta: float | Tensor) -> Combination:
+    """a_i = η_i‖∇g_i‖², so for one constraint λ = max(0, η − ∇g·∇L_r / ‖∇g‖²). The paper's default;
+    independent of K."""
+    return kkt_from_target(geometry, eta * geometry.constraint_sq_norms())
 
 
-def value(geometry: Geometry, *, eta: float) -> Combination:
-    """BOME's value rule: a_t = η·g(θ_t). With K = 0, g = 0 and only conflict is removed."""
+def value(geometry: Geometry, *, eta: float | Tensor) -> Combination:
+    """BOME's value rule: a_i = η_i·g_i(θ_t). With K = 0, g = 0 and only conflict is removed."""
     return kkt_from_target(geometry, eta * geometry.g)
 
 
-def barrier(geometry: Geometry, *, alpha: float, beta: float) -> Combination:
-    """Dynamic-barrier gradient descent (Gong & Liu 2021): a_t = min(α·g(θ_t), β‖∇g‖²)."""
-    return kkt_from_target(geometry, torch.minimum(alpha * geometry.g, beta * geometry.gg))
+def barrier(geometry: Geometry, *, alpha: float | Tensor, beta: float | Tensor) -> Combination:
+    """Dynamic-barrier gradient descent (Gong & Liu 2021): a_i = min(α_i·g_i(θ_t), β_i‖∇g_i‖²)."""
+    return kkt_from_target(geometry, torch.minimum(alpha * geometry.g, beta * geometry.constraint_sq_norms()))
 
 
-def cosine(geometry: Geometry, *, eta: float) -> Combination:
-    """The authors' released variant: λ = max(0, η − cos(∇L_r, ∇g)), δ = ∇L_r + λ∇g."""
-    lam = torch.clamp_min(eta - safe_cosine(geometry.gr, geometry.gg, geometry.rr), 0.0)
-    return Combination(torch.ones_like(lam), lam, _nan(lam))
+def cosine(geometry: Geometry, *, eta: float | Tensor) -> Combination:
+    """The authors' released variant: λ_i = max(0, η_i − cos(∇L_r, ∇g_i)), δ = ∇L_r + Σλ_i∇g_i."""
+    lam = torch.clamp_min(eta - safe_cosine(geometry.gr, geometry.constraint_sq_norms(), geometry.rr), 0.0)
+    return Combination(torch.ones_like(geometry.rr), lam, _nan(lam))
 
 
-def scalarized(geometry: Geometry, *, forget_weight: float) -> Combination:
-    """The paper's Eq. 3 ('MOO'): δ = ∇L_r + w·∇L_f with a fixed weight w."""
-    lam = torch.full_like(geometry.gg, forget_weight)
-    return Combination(torch.ones_like(lam), lam, _nan(lam))
+def scalarized(geometry: Geometry, *, forget_weight: float | Tensor) -> Combination:
+    """The paper's Eq. 3 ('MOO'): δ = ∇L_r + Σ w_i·∇L_f,i with fixed weights w."""
+    lam = torch.as_tensor(forget_weight, dtype=geometry.gg.dtype, device=geometry.gg.device)
+    lam = lam.expand(geometry.gr.shape).clone()
+    return Combination(torch.ones_like(geometry.rr), lam, _nan(lam))
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
@@ -102,50 +131,102 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(positive, num / torch.where(positive, den, torch.ones_like(den)), 0.0)
 
 
+def _split(geometry: Geometry, weights: Tensor) -> Combination:
+    """Weights of the full Gram's rows (constraints first, retain last) as a Combination."""
+    return Combination(weights[-1], weights[:-1], _nan(weights[:-1]))
+
+
 def pcgrad(geometry: Geometry) -> Combination:
-    """PCGrad (Yu et al. 2020) for two objectives: on conflict (∇g·∇L_r < 0) each gradient is
-    projected onto the normal plane of the other, and δ is their sum:
-    c_r = 1 − min(0, gr)/‖∇L_r‖²,  c_f = 1 − min(0, gr)/‖∇g‖².
+    """PCGrad (Yu et al. 2020). Each gradient g_i is projected, in turn, off every other gradient g_j it
+    conflicts with (g_i^PC·g_j < 0: g_i^PC ← g_i^PC − (g_i^PC·g_j/‖g_j‖²) g_j), and δ = Σ_i g_i^PC.
+
+    Two objectives: c_r = 1 − min(0, gr)/‖∇L_r‖², c_f = 1 − min(0, gr)/‖∇g‖². More: the paper (and
+    torchjd) visit the other gradients in a random order; here the order is fixed, ascending row index
+    (constraints first, retain last), so a step is deterministic. Done on the Gram: the weights of
+    g_i^PC over the rows are updated, never the vectors.
     """
-    conflict = torch.clamp_max(geometry.gr, 0.0)
-    c_r = 1 - _safe_div(conflict, geometry.rr)
-    c_f = 1 - _safe_div(conflict, geometry.gg)
-    return Combination(c_r, c_f, _nan(c_r))
+    if geometry.m == 1:
+        conflict = torch.clamp_max(geometry.gr, 0.0)
+        c_r = 1 - _safe_div(conflict, geometry.rr)
+        c_f = 1 - _safe_div(conflict, geometry.gg)
+        return Combination(c_r, c_f, _nan(c_r))
+    g = geometry.gram.matrix()
+    k = g.shape[0]
+    weights = torch.eye(k, dtype=g.dtype, device=g.device)  # row i: the weights of g_i^PC
+    for j in range(k):
+        inner = weights @ g[:, j]
+        conflict = (inner < 0) & (torch.arange(k, device=g.device) != j)
+        weights[:, j] -= torch.where(conflict, _safe_div(inner, g[j, j]), 0.0)
+    return _split(geometry, weights.sum(0))
 
 
 def mgda(geometry: Geometry) -> Combination:
-    """Two-objective MGDA (Désidéri 2012; Sener & Koltun 2018 closed form): the minimum-norm point
-    of the segment [∇g, ∇L_r]: δ = γ∇L_r + (1−γ)∇g with γ = clip((‖∇g‖² − gr)/‖∇g − ∇L_r‖², 0, 1).
+    """MGDA (Désidéri 2012): the minimum-norm point of the convex hull of the gradients.
+
+    Two objectives (Sener & Koltun's closed form): δ = γ∇L_r + (1−γ)∇g with
+    γ = clip((‖∇g‖² − gr)/‖∇g − ∇L_r‖², 0, 1). More: the min-norm point y of conv{g_j} is x/‖x‖² for the
+    solution x of min ½‖x‖² s.t. g_j·x ≥ 1 (its KKT conditions are g_j·y ≥ ‖y‖², equality where the
+    weight is positive), a projection solved exactly by the same dual QP as the constraints. When 0 lies
+    in the hull (those targets are infeasible) δ = 0, with the weights of a zero gradient or of the
+    Farkas certificate the dual solver returns.
     """
-    diff_sq = geometry.gg + geometry.rr - 2 * geometry.gr
-    gamma = torch.where(diff_sq > 0, _safe_div(geometry.gg - geometry.gr, diff_sq), 0.5)
-    gamma = torch.clamp(gamma, 0.0, 1.0)
-    return Combination(gamma, 1 - gamma, _nan(gamma))
+    if geometry.m == 1:
+        diff_sq = geometry.gg + geometry.rr - 2 * geometry.gr
+        gamma = torch.where(diff_sq > 0, _safe_div(geometry.gg - geometry.gr, diff_sq), 0.5)
+        gamma = torch.clamp(gamma, 0.0, 1.0)
+        return Combination(gamma, 1 - gamma, _nan(gamma))
+    g = geometry.gram.matrix()
+    lam, shortfall = F.dual_qp(g, torch.zeros_like(g[0]), torch.ones_like(g[0]))
+    sq = g.diagonal()
+    zero = sq <= 0
+    certificate = torch.where(zero, torch.zeros_like(sq), _safe_div(shortfall, sq))
+    first_zero = (torch.cumsum(zero.to(torch.int64), 0) == 1) & zero
+    certificate = torch.where(zero.any(), first_zero.to(g.dtype), certificate)
+    weights = torch.where((shortfall > 0).any(), certificate, lam)
+    return _split(geometry, _safe_div(weights, weights.sum()))
+
+
+def upgrad(geometry: Geometry) -> Combination:
+    """UPGrad (Quinton & Rey 2024, torchjd's default aggregator): each gradient scaled by 1/k is projected
+    onto the dual cone {x : g_j·x ≥ 0 ∀j} of all k gradients, and δ is the sum of the projections.
+
+    The projection of Jᵀu is Jᵀ(u + λ) with λ the dual solution of min ½‖x − Jᵀu‖² s.t. Jx ≥ 0, so the
+    weights are 1/k + Σ_i λ^(i), with the k problems solved exactly as one batch. (torchjd solves the
+    same QPs with quadprog on the trace-normalised Gram plus 1e-4·I.)
+    """
+    g = geometry.gram.matrix()
+    k = g.shape[0]
+    u = torch.eye(k, dtype=g.dtype, device=g.device) / k
+    lam, _ = F.dual_qp(g, u @ g, torch.zeros_like(u))
+    return _split(geometry, (u + lam).sum(0))
 
 
 RULES: dict[str, Rule] = {
-    "grad_norm": Rule("grad_norm", grad_norm, {"eta": 1.0}, unit_retain=True),
+    "grad_norm": Rule("grad_norm", grad_norm, {"eta": 1.0}, unit_retain=True, uses_g=False),
     "value": Rule("value", value, {"eta": 1.0}, unit_retain=True),
     "barrier": Rule("barrier", barrier, {"alpha": 1.0, "beta": 1.0}, unit_retain=True),
-    "cosine": Rule("cosine", cosine, {"eta": 1.0}, unit_retain=True),
-    "scalarized": Rule("scalarized", scalarized, {"forget_weight": 0.1}, unit_retain=True),
-    "pcgrad": Rule("pcgrad", pcgrad, {}, unit_retain=False),
-    "mgda": Rule("mgda", mgda, {}, unit_retain=False),
+    "cosine": Rule("cosine", cosine, {"eta": 1.0}, unit_retain=True, uses_g=False),
+    "scalarized": Rule("scalarized", scalarized, {"forget_weight": 0.1}, unit_retain=True, uses_g=False),
+    "pcgrad": Rule("pcgrad", pcgrad, {}, unit_retain=False, uses_g=False, objectives=True),
+    "mgda": Rule("mgda", mgda, {}, unit_retain=False, uses_g=False, objectives=True),
+    "upgrad": Rule("upgrad", upgrad, {}, unit_retain=False, uses_g=False, objectives=True),
 }
 HYPERPARAMETERS = frozenset(name for rule in RULES.values() for name in rule.hyperparameters)
 
 
 def target(fn: Callable[[Geometry], Tensor | float]) -> Rule:
-    """Wrap a user function ``fn(geometry) -> a_t`` as a KKT rule."""
+    """Wrap a user function ``fn(geometry) -> a_t`` (a scalar, or [m] for m constraints) as a KKT rule."""
     return Rule(getattr(fn, "__name__", "target"), lambda geo: kkt_from_target(geo, fn(geo)), {}, True)
 
 
 def multiplier(fn: Callable[[Geometry], Tensor | float]) -> Rule:
-    """Wrap a user function ``fn(geometry) -> λ``: δ = ∇L_r + λ∇g, λ used as returned."""
+    """Wrap a user function ``fn(geometry) -> λ``: δ = ∇L_r + Σλ_i∇g_i, λ used as returned (a scalar
+    applies to every constraint)."""
 
     def combine(geo: Geometry) -> Combination:
         lam = torch.as_tensor(fn(geo), dtype=geo.gg.dtype, device=geo.gg.device)
-        return Combination(torch.ones_like(lam), lam, _nan(lam))
+        lam = lam.expand(geo.gr.shape)
+        return Combination(torch.ones_like(geo.rr), lam, _nan(lam))
 
     return Rule(getattr(fn, "__name__", "multiplier"), combine, {}, True)
 

@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import os
-import shlex
 from pathlib import Path
 
 import pytest
@@ -14,12 +13,8 @@ pytest.importorskip("transformers")
 
 import sd_tiny
 
-from constrained_opt.cli import main
 from constrained_opt.diffusion.sd import latents, prompts, train
 from constrained_opt.diffusion.sd.loading import SD14_UNET_CONFIG
-
-FAST = "--num-forget 4 --num-retain 4 --resolution 16 --gen-steps 2 --grid-steps 2 --batch-size 2 --quiet"
-
 
 one_thread = sd_tiny.one_thread  # autouse: the tiny models run fastest on one intra-op thread
 
@@ -34,26 +29,7 @@ def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("sd-cache"))
 
 
-def run(command: str, *paths) -> int:
-    """``constrained-opt unlearn sd`` in-process with the FAST settings before the command's own
-    arguments (which override them); argparse errors (SystemExit) become their exit code."""
-    words = shlex.split(command.format(*paths))
-    assert words[:2] == ["unlearn", "sd"]
-    try:
-        return main([*words[:2], *FAST.split(), *words[2:]])
-    except SystemExit as e:
-        return e.code
-
-
-def unet_params(path):
-    from diffusers import UNet2DConditionModel
-
-    return dict(UNet2DConditionModel.from_pretrained(path).named_parameters())
-
-
-def changed(before, after) -> set[str]:
-    assert before.keys() == after.keys()
-    return {n for n in before if not torch.equal(before[n], after[n])}
+run, unet_params, changed = sd_tiny.cli, sd_tiny.unet_params, sd_tiny.changed
 
 
 def test_erasediff_noxattn_end_to_end(model, cache, tmp_path):
@@ -201,7 +177,7 @@ def test_parameter_sets_on_the_sd14_unet():
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD14_UNET_CONFIG)
     names = [n for n, _ in unet.named_parameters()]
-    sets = {m: {n for n in names if train.trains(n, m)} for m in train.TRAIN_PARAMS}
+    sets = {m: {n for n in names if train.trains(n, m)} for m in train.PARAM_SETS}
     excluded = {n for n in names if n.startswith(train.NOXATTN_EXCLUDED)}
     assert sets["full"] == set(names)
     assert sets["xattn"] == {n for n in names if "attn2" in n}

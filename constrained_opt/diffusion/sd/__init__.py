@@ -1,12 +1,17 @@
-"""Stable Diffusion unlearning as in the EraseDiff paper (§5.3): nudity on SD v1.4 and Imagenette classes.
+"""Stable Diffusion unlearning as in the EraseDiff paper (§5.3): nudity and Imagenette classes, on SD 1.x,
+SD 2.x (v-prediction) and SDXL, with full weights or a LoRA adapter.
 
 Every module imports diffusers/transformers/torchvision inside functions, so importing this package
 needs only torch and numpy.
 
 - :mod:`.prompts`: the shipped prompt sets (four nudity prompts, Imagenette classes) and the task.
-- :mod:`.loading`: a pipeline from a diffusers folder, a single ``.ckpt``/``.safetensors`` file or a hub id.
+- :mod:`.loading`: a pipeline (SD or SDXL, detected) from a diffusers folder, a single ``.ckpt``/
+  ``.safetensors`` file or a hub id.
+- :mod:`.model`: prompt tables and UNet calls for SD and SDXL, ε- and v-prediction targets.
+- :mod:`.params`: ESD's parameter sets (noxattn/xattn/full).
+- :mod:`.lora`: LoRA adapters on those sets, written for ``pipe.load_lora_weights``.
 - :mod:`.latents`: self-generated forget/retain sets, cached on disk as latents (resumable).
-- :mod:`.train`: parameter sets (ESD's noxattn/xattn/full), EraseDiff, ESD and SalUn, ``unlearn_sd``.
+- :mod:`.train`: EraseDiff, ESD and SalUn through accelerate, ``unlearn_sd``.
 - :mod:`.evaluate`: generation from I2P-style CSVs, NudeNet counts, UA, CLIP score, FID.
 - :mod:`.cli`: ``constrained-opt unlearn sd`` and ``constrained-opt sd {generate,nudenet,ua,clip-score,fid}``.
 """

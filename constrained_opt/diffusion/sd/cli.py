@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 
 from ..errors import UsageError
+from .params import PARAM_SETS
 from .prompts import CONCEPTS, imagenette_classes
 from .train import DEFAULT_BATCH, METHODS, MIXED_PRECISION, OPTIMIZERS, TRAIN_PARAMS
 
@@ -30,9 +31,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 def register(command, unlearn_target, add_common: AddCommon) -> None:
     """Register the SD commands with ``constrained_opt.cli``'s ``command``/``unlearn_target`` decorators;
     ``add_common`` adds the CLI's shared ``--device``/``--quiet`` flags."""
-    unlearn_target("sd", "concept (nudity) or Imagenette-class unlearning of Stable Diffusion (v1.x)")(
-        functools.partial(_unlearn_sd, add_common=add_common)
-    )
+    unlearn_target(
+        "sd", "concept (nudity) or Imagenette-class unlearning of Stable Diffusion 1.x/2.x and SDXL"
+    )(functools.partial(_unlearn_sd, add_common=add_common))
     command(
         "sd", "Stable Diffusion evaluation: generate from a prompt CSV, NudeNet counts, UA, CLIP score, FID"
     )(functools.partial(_sd, add_common=add_common))
@@ -51,7 +52,8 @@ def _unlearn_sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
         "--train-params",
         choices=TRAIN_PARAMS,
         default="noxattn",
-        help="noxattn: all but attn2, conv_out/conv_norm_out, time_embedding (ESD's); xattn: attn2; full",
+        help="noxattn: all but attn2, conv_out/conv_norm_out, time_embedding (ESD's); xattn: attn2; full; "
+        "lora: a LoRA adapter on the --lora-target set (the base weights never change)",
     )
     p.add_argument("--steps", type=int, help="default: 5 epochs over the forget set (ESD: 1000)")
     p.add_argument(
@@ -60,12 +62,20 @@ def _unlearn_sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
         help="default: " + ", ".join(f"{m} {b}" for m, b in DEFAULT_BATCH.items()),
     )
     p.add_argument(
+        "--gradient-accumulation-steps",
+        type=int,
+        default=1,
+        help="micro-batches of --batch-size per step (EraseDiff: each closure is MicroBatches over them)",
+    )
+    p.add_argument(
         "--num-forget", type=int, default=400, help="generated forget images (default %(default)s)"
     )
     p.add_argument(
         "--num-retain", type=int, default=400, help="generated retain images (default %(default)s)"
     )
-    p.add_argument("--resolution", type=int, default=512, help="image side in pixels (default %(default)s)")
+    p.add_argument(
+        "--resolution", type=int, help="image side in pixels (default: the model's, 512 for SD 1.x)"
+    )
     p.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate (default %(default)s)")
     p.add_argument(
         "--anchor",
@@ -74,6 +84,16 @@ def _unlearn_sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
         "for a class: the other classes)",
     )
     p.add_argument("--out", required=True, help="output directory (unet/, before_after.png, run.json)")
+    g = p.add_argument_group("LoRA (--train-params lora)")
+    g.add_argument("--lora-rank", type=int, default=4, help="rank r (default %(default)s)")
+    g.add_argument("--lora-alpha", type=float, help="α; the update is (α/r)·BA (default: r)")
+    g.add_argument(
+        "--lora-target",
+        choices=PARAM_SETS,
+        default="noxattn",
+        help="modules that get adapters (default noxattn)",
+    )
+    g.add_argument("--merge", action="store_true", help="also write OUT/unet/ with the adapter fused in")
     g = p.add_argument_group("EraseDiff")
     g.add_argument("--inner-steps", type=int, default=2, help="K (default %(default)s, the authors' SD runs)")
     g.add_argument("--inner-lr", type=float, help="ξ (default: --lr)")
@@ -114,8 +134,13 @@ def _unlearn_sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
             task=make_task(args.concept, args.forget_class, args.anchor),
             method=args.method,
             train_params=args.train_params,
+            lora_rank=args.lora_rank,
+            lora_alpha=args.lora_alpha,
+            lora_target=args.lora_target,
+            merge=args.merge,
             steps=args.steps,
             batch_size=args.batch_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
             num_forget=args.num_forget,
             num_retain=args.num_retain,
             resolution=args.resolution,
@@ -149,7 +174,8 @@ def _unlearn_sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
         final = ", ".join(f"{k}={v:.4g}" for k, v in record["final"].items())
         trained = f"{record['trained_parameters']:,} parameters trained"
         print(f"{record['method']} on {record['task']}: {trained}; {final}")
-        print(f"wrote {os.path.join(args.out, 'unet')}/, before_after.png, run.json, history.json")
+        written = ", ".join(os.path.join(args.out, o) for o in record["outputs"])
+        print(f"wrote {written}, before_after.png, run.json, history.json")
 
     return run
 
@@ -173,6 +199,11 @@ def _sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
     _add_model(g)
     g.add_argument(
         "--unet", help="a scrubbed UNet folder (e.g. OUT/unet from `unlearn sd`) replacing the model's"
+    )
+    g.add_argument(
+        "--lora",
+        help="a LoRA adapter loaded with pipe.load_lora_weights: OUT from `unlearn sd --train-params lora` "
+        "(a folder with pytorch_lora_weights.safetensors) or a .safetensors file",
     )
     g.add_argument(
         "--prompts",
@@ -199,6 +230,7 @@ def _sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
         from ..ddpm import check_output_dir, resolve_device
         from .evaluate import BUILTIN_PROMPTS, builtin_prompt_rows, generate_images, read_prompt_csv
         from .loading import load_pipeline
+        from .lora import check_lora_path, load_lora
 
         if (
             args.per_prompt < 1
@@ -209,6 +241,8 @@ def _sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
             raise UsageError("--per-prompt, --steps, --batch-size and --limit must be positive")
         if args.unet and not os.path.isfile(os.path.join(args.unet, "config.json")):
             raise UsageError(f"{args.unet} is not a diffusers UNet folder (no config.json)")
+        if args.lora:
+            check_lora_path(args.lora)
         if args.prompts in BUILTIN_PROMPTS:
             rows = builtin_prompt_rows(args.prompts, seed=args.seed, guidance=args.guidance)[: args.limit]
         else:
@@ -227,6 +261,8 @@ def _sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
             from diffusers import UNet2DConditionModel
 
             pipe.unet = UNet2DConditionModel.from_pretrained(args.unet, dtype=dtype)
+        if args.lora:
+            load_lora(pipe, args.lora)
         manifest = generate_images(
             pipe.to(device),
             rows,

@@ -26,9 +26,12 @@ from ..io import load_tensors, save_tensors, write_json
 
 
 def fingerprint(pipe) -> str:
-    """sha256 over the component configs and a float64 checksum of every weight tensor."""
+    """sha256 over the component configs and a float64 checksum of every weight tensor (UNet, VAE and the
+    text encoder(s): SDXL's second one too)."""
+    from .model import text_encoders
+
     h = hashlib.sha256()
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("unet", "vae", *text_encoders(pipe)):
         module = getattr(pipe, name)
         config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
         h.update(json.dumps(config, sort_keys=True, default=str).encode())

@@ -14,20 +14,17 @@ Notation: z_0 is a latent, x_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε with t ~ U{0..
 - ``salun`` (Fan et al. 2024): mask m = top ``keep`` of |∇_θ Σ_{D_f} L_denoise|; min L_f + α L_r (the same
   L_f and ε_f as EraseDiff) with Adam on gradients ⊙ m.
 
-Parameter sets (``--train-params``), ESD's definitions in diffusers naming:
-
-- ``noxattn`` (default; the paper's choice for nudity): everything except cross-attention (``attn2``)
-  *and*, as in ESD's code, which the EraseDiff/SalUn SD code inherits, the output head
-  (``conv_norm_out``, ``conv_out``) and the timestep MLP (``time_embedding``). That is 94.6% of SD v1.4's
-  UNet (813.5M of 859.5M parameters).
-- ``xattn``: the ``attn2`` modules only (44M).
-- ``full``: every parameter (the authors' choice for Imagenette classes).
+Parameter sets (``--train-params``): ESD's ``noxattn`` (default; the paper's choice for nudity), ``xattn``
+and ``full`` (:mod:`.params`), or ``lora``: a LoRA adapter on one of those sets (:mod:`.lora`), the base
+weights untouched. The models: SD 1.x/2.x and SDXL, ε- or v-prediction (:mod:`.model`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -42,40 +39,23 @@ from torch import Tensor
 from ..data import BatchSampler, ImageData
 from ..errors import UsageError
 from ..io import atomic_path, write_json
-from ..losses import denoising_loss, diffuse, forget_loss, saliency_mask
+from ..losses import denoising_loss, forget_loss, saliency_mask
 from ..metrics import PeakMemory
 from .latents import SetSpec, fingerprint, generate_set, load_set
 from .loading import load_pipeline
+from .lora import is_lora_parameter
+from .model import Denoiser, PromptTable, autocast, encode_prompts, is_sdxl, noised, text_encoders
+from .params import NOXATTN_EXCLUDED, PARAM_SETS, select_trainable, trains
 from .prompts import Task
 
-TRAIN_PARAMS = ("noxattn", "xattn", "full")
+__all__ = ["NOXATTN_EXCLUDED", "PARAM_SETS", "SDJob", "select_trainable", "trains", "unlearn_sd"]
+
+TRAIN_PARAMS = (*PARAM_SETS, "lora")
 METHODS = ("erasediff", "esd", "salun")
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZERS = ("adam", "adam8bit")
 DEFAULT_BATCH = {"erasediff": 16, "esd": 1, "salun": 8}
 ESD_STEPS = 1000
-NOXATTN_EXCLUDED = ("conv_norm_out.", "conv_out.", "time_embedding.")
-
-
-def trains(name: str, mode: str) -> bool:
-    """Whether parameter ``name`` (diffusers UNet2DConditionModel naming) is trained under ``mode``."""
-    if mode == "full":
-        return True
-    if mode == "xattn":
-        return "attn2" in name
-    if mode == "noxattn":
-        return "attn2" not in name and not name.startswith(NOXATTN_EXCLUDED)
-    raise UsageError(f"unknown --train-params {mode!r}; expected one of {', '.join(TRAIN_PARAMS)}")
-
-
-def select_trainable(unet, mode: str) -> list[torch.nn.Parameter]:
-    """Set ``requires_grad`` on every UNet parameter by ``mode``; returns the trained ones."""
-    out = []
-    for name, p in unet.named_parameters():
-        p.requires_grad_(trains(name, mode))
-        if p.requires_grad:
-            out.append(p)
-    return out
 
 
 @dataclass
@@ -87,11 +67,16 @@ class SDJob:
     task: Task
     method: str = "erasediff"
     train_params: str = "noxattn"
+    lora_rank: int = 4
+    lora_alpha: float | None = None  # None: the rank (α/r = 1)
+    lora_target: str = "noxattn"
+    merge: bool = False
     steps: int | None = None
     batch_size: int | None = None
+    gradient_accumulation_steps: int = 1  # micro-batches per step, each of batch_size
     num_forget: int = 400
     num_retain: int = 400
-    resolution: int = 512
+    resolution: int | None = None  # None: the model's native size (UNet sample_size × VAE factor)
     lr: float = 1e-5
     inner_steps: int = 2
     inner_lr: float | None = None
@@ -126,12 +111,18 @@ class SDJob:
         batch = self.batch_size or DEFAULT_BATCH[self.method]
         steps = self.steps or (ESD_STEPS if self.method == "esd" else math.ceil(5 * self.num_forget / batch))
         inner_lr = self.lr if self.inner_lr is None else self.inner_lr
-        return dataclasses.replace(self, batch_size=batch, steps=steps, inner_lr=inner_lr)
+        alpha = float(self.lora_rank) if self.lora_alpha is None else self.lora_alpha
+        return dataclasses.replace(self, batch_size=batch, steps=steps, inner_lr=inner_lr, lora_alpha=alpha)
+
+    @property
+    def lora(self) -> bool:
+        return self.train_params == "lora"
 
     def validate(self) -> None:
         choices = (
             ("method", METHODS),
             ("train_params", TRAIN_PARAMS),
+            ("lora_target", PARAM_SETS),
             ("mixed_precision", tuple(MIXED_PRECISION)),
             ("optimizer", OPTIMIZERS),
         )
@@ -151,6 +142,8 @@ class SDJob:
             "gen_batch_size",
             "grid_images",
             "grid_steps",
+            "lora_rank",
+            "gradient_accumulation_steps",
         )
         for name in positive:
             value = getattr(self, name)
@@ -161,7 +154,11 @@ class SDJob:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.inner_steps < 0 or self.eta < 0 or (self.inner_lr is not None and self.inner_lr < 0):
             raise UsageError("--inner-steps, --inner-lr and --eta must be >= 0")
-        if self.resolution % 8:
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise UsageError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        if self.merge and not self.lora:
+            raise UsageError("--merge fuses a LoRA adapter into the UNet: it needs --train-params lora")
+        if self.resolution is not None and self.resolution % 8:
             raise UsageError(
                 f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {self.resolution}"
             )
@@ -183,61 +180,65 @@ def base_optimizer(name: str):
 
 
 # ------------------------------------------------------------------------------------------- methods
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """``torch.autocast`` to ``dtype`` on ``device``'s type, or a disabled one for ``None``."""
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
-class Denoiser:
-    """ε_θ(x_t, t, c) of a (possibly DDP-wrapped) UNet under autocast; outputs in float32."""
-
-    def __init__(self, unet, device: torch.device, dtype: torch.dtype | None):
-        self.unet, self.device, self.dtype = unet, device, dtype
-
-    def __call__(self, x_t: Tensor, t: Tensor, c: Tensor) -> Tensor:
-        with autocast(self.device, self.dtype):
-            return self.unet(x_t, t, encoder_hidden_states=c).sample.float()
-
-
 @dataclass
 class Context:
-    """Shared by the methods: the trained model, its parameters, the prompt-embedding table and RNG."""
+    """Shared by the methods: the trained model, its parameters, the prompt table and RNG.
+
+    Batches carry prompt-table rows as their condition c (see :mod:`.model`)."""
 
     eps: Denoiser
     params: list[torch.nn.Parameter]
-    table: Tensor  # (P, L, D) text embeddings of every prompt used
-    ids: dict[str, int]
-    anchors: Tensor  # table indices of the anchor prompts c_m
-    scheduler: object  # DDPMScheduler of the model (forward process)
+    names: list[str]  # the parameters' names in the UNet
+    table: PromptTable
+    anchors: Tensor  # table rows of the anchor prompts c_m
+    scheduler: object  # DDPMScheduler of the model (forward process, prediction type)
     generator: torch.Generator
     job: SDJob
-    scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling
+    accelerator: object  # accelerate.Accelerator: the model and the optimizers are prepared by it
+    model: torch.nn.Module  # the prepared UNet (DDP-wrapped with several processes)
+    scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling: accelerate's (CUDA) or our own (CPU)
 
-    def descend(self, optimizer, loss: Tensor, mask: list[Tensor] | None = None) -> None:
-        """One step of a plain optimizer on ``loss`` (loss-scaled under fp16), gradients ⊙ ``mask``."""
+    @property
+    def own_scaler(self) -> torch.amp.GradScaler | None:
+        """The scaler this loop steps itself; accelerate's prepared optimizers step and update theirs."""
+        return self.scaler if self.scaler is not self.accelerator.scaler else None
+
+    def descend(self, optimizer, micro_loss, mask: list[Tensor] | None = None) -> dict[str, float]:
+        """One step of a prepared plain optimizer on the mean of ``gradient_accumulation_steps`` losses
+        ``micro_loss() -> (loss, stats)``, each on its own micro-batch (gradients accumulated, DDP's
+        all-reduce only on the last); loss-scaled under fp16, gradients ⊙ ``mask``. Returns the mean stats."""
+        n, scaler = self.job.gradient_accumulation_steps, self.own_scaler
         optimizer.zero_grad(set_to_none=True)
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        totals: dict[str, float] = {}
+        for i in range(n):
+            sync = contextlib.nullcontext() if i == n - 1 else self.accelerator.no_sync(self.model)
+            with sync:
+                loss, stats = micro_loss()
+                if scaler is not None:
+                    scaler.scale(loss / n).backward()
+                else:
+                    self.accelerator.backward(loss / n)
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / n
         if mask is not None:
             for p, m in zip(self.params, mask, strict=True):
                 p.grad.mul_(m)
-        if self.scaler:
-            self.scaler.step(optimizer)
-            self.scaler.update()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
         else:
             optimizer.step()
-
-    def cond(self, labels: Tensor) -> Tensor:
-        return self.table[labels.to(self.table.device)]
+        return totals
 
     def batch(self, sampler: BatchSampler):
-        z0, labels = sampler.next()
-        return diffuse(self.scheduler, z0.to(self.table.device), self.cond(labels), self.generator)
+        z0, rows = sampler.next()
+        return noised(self.scheduler, z0.to(self.table.device), rows.to(self.table.device), self.generator)
 
     def anchor_target(self, b) -> Tensor:
-        """ε_f = sg ε_θ(x_t | c_m), one anchor c_m drawn per sample."""
+        """ε_f = sg ε_θ(x_t | c_m) (v_f for a v-model), one anchor c_m drawn per sample."""
         pick = torch.randint(len(self.anchors), (len(b.x_t),), generator=self.generator)
         with torch.no_grad():
-            return self.eps(b.x_t, b.t, self.cond(self.anchors[pick])).detach()
+            return self.eps(b.x_t, b.t, self.anchors[pick]).detach()
 
 
 class EraseDiffSD:
@@ -246,7 +247,7 @@ class EraseDiffSD:
 
         j = ctx.job
         self.ctx = ctx
-        self.optimizer = ValueFunctionBilevelOptimizer(
+        optimizer = ValueFunctionBilevelOptimizer(
             ctx.params,
             base_optimizer=base_optimizer(j.optimizer),
             lr=j.lr,
@@ -257,55 +258,83 @@ class EraseDiffSD:
             max_grad_norm=j.max_grad_norm,
             grad_scaler=ctx.scaler,
         )
+        self.optimizer = ctx.accelerator.prepare_optimizer(optimizer, device_placement=False)
 
     def step(self, retain: BatchSampler, forget: BatchSampler) -> dict[str, float]:
-        ctx = self.ctx
-        br, bf = ctx.batch(retain), ctx.batch(forget)
-        target = ctx.anchor_target(bf)
-        stats = self.optimizer.step(
-            lambda: denoising_loss(ctx.eps, br), lambda: forget_loss(ctx.eps, bf, target)
-        )
+        """One update through accelerate's prepared optimizer: ``opt.step(Closures(retain, forget))``. With
+        gradient accumulation each closure is ``MicroBatches`` over that many micro-batches, fixed for
+        the step (the inner loop evaluates the forget loss at θ and φ^k on the same data)."""
+        from constrained_opt import Closures, MicroBatches
+
+        ctx, n = self.ctx, self.ctx.job.gradient_accumulation_steps
+        retain_parts, forget_parts = [], []
+        for _ in range(n):
+            br, bf = ctx.batch(retain), ctx.batch(forget)
+            target = ctx.anchor_target(bf)
+            retain_parts.append(lambda br=br: denoising_loss(ctx.eps, br))
+            forget_parts.append(lambda bf=bf, y=target: forget_loss(ctx.eps, bf, y))
+        if n == 1:
+            closures = Closures(retain_parts[0], forget_parts[0])
+        else:
+            closures = Closures(MicroBatches(retain_parts), MicroBatches(forget_parts))
+        self.optimizer.step(closures)
+        stats = self.optimizer.optimizer.last_stats
         return {k: v for k, v in stats.as_dict().items() if isinstance(v, float | bool)}
 
 
 class SalUnSD:
     def __init__(self, ctx: Context, forget: ImageData):
         self.ctx = ctx
-        self.optimizer = base_optimizer(ctx.job.optimizer)(ctx.params, lr=ctx.job.lr)
+        optimizer = base_optimizer(ctx.job.optimizer)(ctx.params, lr=ctx.job.lr)
+        self.optimizer = ctx.accelerator.prepare_optimizer(optimizer, device_placement=False)
         self.mask = self.saliency(forget)
 
     def saliency(self, forget: ImageData) -> list[Tensor]:
-        """m = top-``keep`` of |Σ_{D_f} ∇L_denoise| over the trained parameters (one pass over D_f)."""
+        """m = top-``keep`` of |Σ_{D_f} ∇L_denoise| over the trained parameters (one pass over D_f).
+
+        For a LoRA adapter the ranking is over the B factors only and A is not masked: at the adapter's
+        start B = 0, so ∇_A L = (α/r) Bᵀ ∇_W L vanishes and A has no saliency, while
+        ∇_B L = (α/r) ∇_W L Aᵀ is the weight gradient seen through A's random projection.
+        """
         ctx, bs = self.ctx, self.ctx.job.batch_size
         for p in ctx.params:
             p.grad = None
         for start in range(0, len(forget), bs):
             z0 = forget.images[start : start + bs].to(ctx.table.device)
-            b = diffuse(ctx.scheduler, z0, ctx.cond(forget.labels[start : start + bs]), ctx.generator)
-            denoising_loss(ctx.eps, b).backward()
+            rows = forget.labels[start : start + bs].to(ctx.table.device)
+            denoising_loss(ctx.eps, noised(ctx.scheduler, z0, rows, ctx.generator)).backward()
+        ranked = [i for i, n in enumerate(ctx.names) if not (ctx.job.lora and ".lora_A." in n)]
         scores = {
-            str(i): p.grad if p.grad is not None else torch.zeros_like(p) for i, p in enumerate(ctx.params)
+            str(i): ctx.params[i].grad if ctx.params[i].grad is not None else torch.zeros_like(ctx.params[i])
+            for i in ranked
         }
         mask = saliency_mask(scores, ctx.job.keep)
         for p in ctx.params:
             p.grad = None
-        return [mask[str(i)].bool() for i in range(len(ctx.params))]
+        return [
+            mask[str(i)].bool() if str(i) in mask else torch.ones_like(p, dtype=torch.bool)
+            for i, p in enumerate(ctx.params)
+        ]
 
     def step(self, retain: BatchSampler, forget: BatchSampler) -> dict[str, float]:
         ctx = self.ctx
-        bf, br = ctx.batch(forget), ctx.batch(retain)
-        lf = forget_loss(ctx.eps, bf, ctx.anchor_target(bf))
-        lr = denoising_loss(ctx.eps, br)
-        ctx.descend(self.optimizer, lf + ctx.job.alpha * lr, self.mask)
-        return {"forget_loss": lf.item(), "retain_loss": lr.item()}
+
+        def micro_loss():
+            bf, br = ctx.batch(forget), ctx.batch(retain)
+            lf = forget_loss(ctx.eps, bf, ctx.anchor_target(bf))
+            lr = denoising_loss(ctx.eps, br)
+            return lf + ctx.job.alpha * lr, {"forget_loss": lf.detach(), "retain_loss": lr.detach()}
+
+        return ctx.descend(self.optimizer, micro_loss, self.mask)
 
 
 class ESD:
     def __init__(self, ctx: Context, frozen: Denoiser, ddim, latent_shape: tuple[int, int, int]):
         self.ctx, self.frozen, self.ddim, self.latent_shape = ctx, frozen, ddim, latent_shape
-        self.optimizer = base_optimizer(ctx.job.optimizer)(ctx.params, lr=ctx.job.lr)
-        self.forget_ids = torch.tensor([ctx.ids[p] for p in ctx.job.task.forget])
-        self.null = ctx.ids[""]
+        optimizer = base_optimizer(ctx.job.optimizer)(ctx.params, lr=ctx.job.lr)
+        self.optimizer = ctx.accelerator.prepare_optimizer(optimizer, device_placement=False)
+        self.forget_rows = torch.tensor([ctx.table.ids[p] for p in ctx.job.task.forget])
+        self.null = ctx.table.ids[""]
 
     @torch.no_grad()
     def partial_sample(self, c: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
@@ -313,27 +342,30 @@ class ESD:
         ctx, s = self.ctx, self.ctx.job.start_guidance
         self.ddim.set_timesteps(ctx.job.gen_steps)
         i = int(torch.randint(len(self.ddim.timesteps), (), generator=ctx.generator))
-        x = torch.randn(shape, generator=ctx.generator).to(c.device) * self.ddim.init_noise_sigma
-        null = ctx.table[self.null].expand_as(c)
+        x = torch.randn(shape, generator=ctx.generator).to(ctx.table.device) * self.ddim.init_noise_sigma
+        null = torch.full_like(c, self.null)
         for t in self.ddim.timesteps[:i]:
             e_u, e_c = self.frozen(
-                torch.cat([x, x]), t.expand(2 * len(x)).to(c.device), torch.cat([null, c])
+                torch.cat([x, x]), t.expand(2 * len(x)).to(x.device), torch.cat([null, c])
             ).chunk(2)
             x = self.ddim.step(e_u + s * (e_c - e_u), t, x).prev_sample
-        return x, self.ddim.timesteps[i].expand(len(x)).to(c.device)
+        return x, self.ddim.timesteps[i].expand(len(x)).to(x.device)
 
     def step(self, retain: BatchSampler | None, forget: BatchSampler | None) -> dict[str, float]:
         ctx, bs = self.ctx, self.ctx.job.batch_size
-        pick = self.forget_ids[torch.randint(len(self.forget_ids), (bs,), generator=ctx.generator)]
-        c = ctx.cond(pick)
-        x_t, t = self.partial_sample(c, (bs, *self.latent_shape))
-        with torch.no_grad():
-            e_0 = self.frozen(x_t, t, ctx.table[self.null].expand_as(c))
-            e_c = self.frozen(x_t, t, c)
-        target = e_0 - ctx.job.negative_guidance * (e_c - e_0)
-        loss = F.mse_loss(ctx.eps(x_t, t, c), target)
-        ctx.descend(self.optimizer, loss)
-        return {"loss": loss.item(), "t": float(t[0])}
+
+        def micro_loss():
+            pick = torch.randint(len(self.forget_rows), (bs,), generator=ctx.generator)
+            c = self.forget_rows[pick].to(ctx.table.device)
+            x_t, t = self.partial_sample(c, (bs, *self.latent_shape))
+            with torch.no_grad():
+                e_0 = self.frozen(x_t, t, torch.full_like(c, self.null))
+                e_c = self.frozen(x_t, t, c)
+            target = e_0 - ctx.job.negative_guidance * (e_c - e_0)
+            loss = F.mse_loss(ctx.eps(x_t, t, c), target)
+            return loss, {"loss": loss.detach(), "t": t[0].float()}
+
+        return ctx.descend(self.optimizer, micro_loss)
 
 
 # ------------------------------------------------------------------------------------------- outputs
@@ -395,32 +427,78 @@ def save_before_after(path: str, before: Tensor, after: Tensor, n: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------- the job
-def unlearn_sd(job: SDJob) -> dict:
-    """Run one job: load, self-generate D_f/D_r (cached), train, write ``out/unet``, the grid and records.
+def trained_parameters(unet, job: SDJob, amp: torch.dtype | None) -> list[tuple[str, torch.nn.Parameter]]:
+    """Make the job's parameters trainable and return them by name.
 
-    Writes ``out/unet/`` (diffusers layout), ``out/before_after.png`` (rows = ``grid_prompts``, left
-    half before, right half after), ``out/run.json`` (settings and summary) and ``out/history.json``
-    (per-step statistics). Every input is validated before anything is written. Under
-    ``accelerate launch`` each process generates its share of the data and trains a DDP replica;
-    only the main process writes.
+    ``lora``: the base UNet is frozen (and, under mixed precision, stored in the autocast dtype, as
+    diffusers' LoRA examples do: it is only ever read in that dtype) and a float32 adapter is attached.
     """
-    from accelerate import PartialState
+    from .lora import add_lora
+
+    if job.lora:
+        if amp is not None:
+            unet.to(dtype=amp)
+        add_lora(unet, job.lora_target, job.lora_rank, job.lora_alpha)
+    else:
+        select_trainable(unet, job.train_params)
+    return [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+
+
+def make_accelerator(job: SDJob, device: torch.device):
+    """The run's ``accelerate.Accelerator``: it prepares the UNet (DDP under ``accelerate launch``) and the
+    optimizers, and under fp16 on an accelerator it owns the GradScaler (on the CPU accelerate has none
+    and the loop keeps its own). In a single process an accelerate state left by an earlier run with
+    other settings (a notebook, the tests) is reset first: accelerate refuses to change it in place."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    cpu = device.type == "cpu"
+    partial, full = PartialState._shared_state, AcceleratorState._shared_state
+    single = partial.get("num_processes", 1) == 1
+    placed = partial.get("device", torch.device("cpu"))
+    if (
+        full
+        and single
+        and (full.get("_mixed_precision") != job.mixed_precision or placed.type != device.type)
+    ):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    if device.type == "cuda" and device.index is not None and single:
+        torch.cuda.set_device(device)
+    return Accelerator(cpu=cpu, mixed_precision=job.mixed_precision)
+
+
+def unlearn_sd(job: SDJob) -> dict:
+    """Run one job: load, self-generate D_f/D_r (cached), train, write the result, the grid and records.
+
+    Writes ``out/unet/`` (diffusers layout) or, for ``--train-params lora``, ``out/{WEIGHT_NAME}``
+    (plus ``out/unet/`` merged, with ``--merge``); ``out/before_after.png`` (rows = ``grid_prompts``,
+    left half before, right half after), ``out/run.json`` (settings and summary) and
+    ``out/history.json`` (per-step statistics). Every input is validated before anything is written.
+    Under ``accelerate launch`` each process generates its share of the data and trains a DDP
+    replica; only the main process writes.
+    """
     from diffusers import DDIMScheduler, DDPMScheduler
     from tqdm.auto import tqdm
 
     from ..ddpm import cache_dir, check_output_dir, resolve_device
+    from .lora import WEIGHT_NAME, merged_unet, save_lora
 
     job = job.resolved()
     check_output_dir(job.out)
-    state = PartialState()
-    device = state.device if state.num_processes > 1 else resolve_device(job.device)
+    accelerator = make_accelerator(job, resolve_device(job.device))
+    state = accelerator.state
+    device = accelerator.device if state.num_processes > 1 else resolve_device(job.device)
     amp = MIXED_PRECISION[job.mixed_precision]
     base_optimizer(job.optimizer)  # fails now, not after generation, when bitsandbytes is missing
-    pipe = load_pipeline(
-        job.model, config=job.config, original_config=job.original_config, offline=job.offline
+    load = functools.partial(
+        load_pipeline, job.model, config=job.config, original_config=job.original_config, offline=job.offline
     )
+    pipe = load()
     unet = pipe.unet
     factor = pipe.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+    native = unet.config.sample_size * pipe.vae_scale_factor
+    job = dataclasses.replace(job, resolution=job.resolution or native)
     if job.resolution % factor:
         raise UsageError(f"--resolution must be a multiple of {factor} for this model, got {job.resolution}")
     latent = job.resolution // pipe.vae_scale_factor
@@ -430,9 +508,7 @@ def unlearn_sd(job: SDJob) -> dict:
 
     task = job.task
     prompts = list(dict.fromkeys([*task.forget, *task.retain, *task.anchors, ""]))
-    ids = {p: i for i, p in enumerate(prompts)}
-    with torch.no_grad():
-        table = pipe.encode_prompt(prompts, device, 1, False)[0].float()
+    table = encode_prompts(pipe, prompts, device, job.resolution)
 
     data: dict[str, ImageData] = {}
     set_dirs: dict[str, str] = {}
@@ -465,38 +541,37 @@ def unlearn_sd(job: SDJob) -> dict:
                     shard=(state.process_index, state.num_processes),
                 )
             state.wait_for_everyone()
-            data[name] = load_set(directory, count, [ids[p] for p in set_prompts], f"{name}:{directory}")
+            rows = [table.ids[p] for p in set_prompts]
+            data[name] = load_set(directory, count, rows, f"{name}:{directory}")
             set_dirs[name] = directory
 
     grid_prompts = list(job.grid_prompts or [*task.forget, *task.retain[:2]])
     before = render(pipe, grid_prompts, job) if state.is_main_process else None
 
     frozen = None
-    if job.method == "esd":
+    if job.method == "esd" and not job.lora:  # with an adapter, ε* is the UNet with the adapter off
         frozen = copy.deepcopy(unet).requires_grad_(False).eval()
-    params = select_trainable(unet, job.train_params)
-    if device.type == "cuda":  # the VAE and text encoder are not needed while training
-        pipe.vae.to("cpu")
-        pipe.text_encoder.to("cpu")
+    named = trained_parameters(unet, job, amp)
+    if device.type == "cuda":  # the VAE and text encoders are not needed while training
+        for name in ("vae", *text_encoders(pipe)):
+            getattr(pipe, name).to("cpu")
     if job.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    model = unet
-    if state.num_processes > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            unet, device_ids=[device] if device.type == "cuda" else None
-        )
+    model = accelerator.prepare_model(unet, device_placement=False)  # DDP with several processes
     generator = torch.Generator().manual_seed(job.seed + 1 + state.process_index)
     ctx = Context(
-        eps=Denoiser(model, device, amp),
-        params=params,
+        eps=Denoiser(model, table, device, amp),
+        params=[p for _, p in named],
+        names=[n for n, _ in named],
         table=table,
-        ids=ids,
-        anchors=torch.tensor([ids[a] for a in task.anchors]),
+        anchors=torch.tensor([table.ids[a] for a in task.anchors]),
         scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
         generator=generator,
         job=job,
-        scaler=torch.amp.GradScaler(device.type) if amp is torch.float16 else None,
+        accelerator=accelerator,
+        model=model,
+        scaler=accelerator.scaler or (torch.amp.GradScaler(device.type) if amp is torch.float16 else None),
     )
     samplers = {
         k: BatchSampler(d, job.batch_size, job.seed + 2 * state.process_index + i)
@@ -512,7 +587,11 @@ def unlearn_sd(job: SDJob) -> dict:
             method = SalUnSD(ctx, data["forget"])
         else:
             ddim = DDIMScheduler.from_config(pipe.scheduler.config)
-            method = ESD(ctx, Denoiser(frozen, device, amp), ddim, latent_shape)
+            if job.lora:
+                frozen_eps = Denoiser(unet, table, device, amp, base_only=unet)
+            else:
+                frozen_eps = Denoiser(frozen, table, device, amp)
+            method = ESD(ctx, frozen_eps, ddim, latent_shape)
         prep_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in tqdm(range(job.steps), desc=job.method, disable=not progress):
@@ -523,24 +602,34 @@ def unlearn_sd(job: SDJob) -> dict:
         unet.disable_gradient_checkpointing()
     for p in unet.parameters():
         p.requires_grad_(False)
+    outputs = [WEIGHT_NAME, *(["unet"] if job.merge else [])] if job.lora else ["unet"]
     record = {
         "method": job.method,
         "task": task.name,
+        "model": {
+            "architecture": "sdxl" if is_sdxl(pipe) else "sd",
+            "prediction_type": pipe.scheduler.config.prediction_type,
+            "resolution": job.resolution,
+        },
         "forget_prompts": list(task.forget),
         "retain_prompts": list(task.retain),
         "anchors": list(task.anchors),
-        "trained_parameters": sum(p.numel() for p in params),
-        "total_parameters": sum(p.numel() for p in unet.parameters()),
+        "trained_parameters": sum(p.numel() for p in ctx.params),
+        "total_parameters": sum(p.numel() for n, p in unet.named_parameters() if not is_lora_parameter(n)),
         "time_s": time_s,
         "prep_s": prep_s,
         "peak_mem_mb": meter.peak_mb,
         "final": history[-1],
         "grid_prompts": grid_prompts,
         "data_sets": set_dirs,
+        "outputs": outputs,
         "settings": {k: v for k, v in asdict(job).items() if k != "task"},
     }
     if state.is_main_process:
-        save_unet(unet, job.out)
+        if job.lora:
+            save_lora(unet, type(pipe), job.out)
+        else:
+            save_unet(unet, job.out)
         pipe.to(device)
         save_before_after(
             os.path.join(job.out, "before_after.png"),
@@ -548,6 +637,9 @@ def unlearn_sd(job: SDJob) -> dict:
             render(pipe, grid_prompts, job),
             job.grid_images,
         )
+        if job.merge:  # fused into freshly loaded base weights, in their stored precision
+            del pipe, unet, model, ctx, method
+            save_unet(merged_unet(load(), job.out), job.out)
         write_json(os.path.join(job.out, "history.json"), history)
         write_json(os.path.join(job.out, "run.json"), record)
     state.wait_for_everyone()

@@ -1,0 +1,145 @@
+"""The m-constraint projection (dual QP) against its KKT conditions and scipy, degenerate and infeasible
+cases included; and kkt_direction at extreme magnitudes (1e-30..1e30) in fp32/bf16."""
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from constrained_opt import functional as F
+from constrained_opt import kkt_direction
+
+
+@st.composite
+def problems(draw):
+    """F = W·B of controlled rank, with zero rows, opposite rows and duplicated rows drawn on purpose."""
+    m = draw(st.integers(1, 8))
+    n = draw(st.integers(1, 12))
+    rank = draw(st.integers(1, min(m, n)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    f = rng.standard_normal((m, rank)) @ rng.standard_normal((rank, n))
+    f *= 10.0 ** rng.uniform(-3, 3, size=(m, 1))  # rows of very different norms
+    for i in range(m):
+        kind = draw(st.sampled_from(["keep", "keep", "keep", "zero", "opposite", "copy"]))
+        if kind == "zero":
+            f[i] = 0
+        elif kind in ("opposite", "copy") and i > 0:
+            f[i] = (-1 if kind == "opposite" else 2.5) * f[draw(st.integers(0, i - 1))]
+    r = rng.standard_normal(n) * 10.0 ** rng.uniform(-2, 2)
+    a = rng.uniform(-1, 2, size=m) * np.linalg.norm(f, axis=1) * 10.0 ** rng.uniform(-2, 2)
+    return torch.from_numpy(f), torch.from_numpy(r), torch.from_numpy(a)
+
+
+def _scipy_projection(r, f, a):
+    res = scipy.optimize.minimize(
+        lambda d: 0.5 * np.sum((d - r) ** 2),
+        x0=r.copy(),
+        jac=lambda d: d - r,
+        hess=lambda d: np.eye(len(d)),
+        constraints=[scipy.optimize.LinearConstraint(f, a, np.inf)],
+        method="trust-constr",
+        options={"gtol": 1e-12, "xtol": 1e-14, "maxiter": 3000},
+    )
+    return res.x, res.fun
+
+
+@settings(max_examples=80, deadline=None)
+@given(problems())
+def test_kkt_conditions_and_least_violation(problem):
+    f, r, a = problem
+    delta, lam = kkt_direction(r, f, a)
+    _, shortfall = F.kkt_solve(a, F.gram(f, r))
+    norms = f.norm(dim=1)
+    scale = 1 + float(r.norm()) + float((a.abs() / torch.where(norms > 0, norms, 1)).max())
+    tol = 1e-8 * scale
+    assert lam.shape == (f.shape[0],) and bool(torch.isfinite(lam).all())
+    assert bool((lam >= 0).all()) and bool((shortfall >= 0).all())  # dual feasibility
+    torch.testing.assert_close(delta, r + lam @ f, rtol=0, atol=1e-12 * scale * (1 + float(lam @ norms)))
+    target = a - shortfall  # the attainable targets
+    slack = (f @ delta - target) / torch.where(norms > 0, norms, 1)  # in units of each row's norm
+    assert float(slack.min()) >= -tol  # primal feasibility
+    # complementary slackness
+    assert float((lam * norms * slack).abs().max()) <= tol * (1 + float((lam * norms).max()))
+    zero = norms == 0
+    torch.testing.assert_close(shortfall[zero], torch.clamp_min(a[zero], 0))
+    # least violation (Moreau): z = s/‖f‖ is the projection of â = a/‖f‖ onto {z ≥ 0: F̂ᵀz = 0}
+    z = torch.where(zero, 0, shortfall / torch.where(zero, 1, norms))
+    a_hat = torch.where(zero, 0, a / torch.where(zero, 1, norms))
+    f_hat = f / torch.where(zero, 1, norms)[:, None]
+    assert float((z @ f_hat).norm()) <= tol
+    assert abs(float(z @ (a_hat - z))) <= tol * (1 + float(z.norm()))
+    # optimality against an independent solver on the attainable targets
+    x, fun = _scipy_projection(r.numpy(), f.numpy(), target.numpy())
+    # scipy's point is feasible
+    assert np.all(f.numpy() @ x >= target.numpy() - 1e-6 * scale * (1 + norms.numpy()))
+    ours = 0.5 * float(((delta - r) ** 2).sum())
+    assert ours <= fun + 1e-6 * scale**2
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_feasible_targets_give_no_shortfall_and_one_constraint_is_the_closed_form(problem):
+    f, r, a = problem
+    a = torch.minimum(a, f @ r)  # r itself meets every target: nothing to correct
+    delta, _ = kkt_direction(r, f, a)
+    assert float(F.kkt_solve(a, F.gram(f, r)).shortfall.abs().max()) == 0
+    torch.testing.assert_close(delta, r, rtol=0, atol=1e-9 * (1 + float(r.norm())))
+    f1, a1 = f[0], a[0]
+    if float(f1 @ f1) > 0:  # the enumeration for m = 1 agrees with Theorem 3.1
+        closed = F.kkt_multiplier(a1, F.gram(f1, r))
+        torch.testing.assert_close(F.dual_qp(F.gram(f1[None], r).gg, f1[None] @ r, a1[None])[0][0], closed)
+
+
+def test_opposite_constraints_meet_halfway():
+    """f and −f with targets 1 and 2 cannot both hold; the least violation lowers each by 1.5, so
+    f·δ = −0.5, the point equidistant from both half-spaces."""
+    f = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)
+    r = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    a = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    delta, _ = kkt_direction(r, f, a)
+    torch.testing.assert_close(delta, torch.tensor([-0.5, 4.0], dtype=torch.float64))
+    shortfall = F.kkt_solve(a, F.gram(f, r)).shortfall
+    torch.testing.assert_close(shortfall, torch.tensor([1.5, 1.5], dtype=torch.float64))
+
+
+def test_too_many_constraints_is_a_clear_error():
+    with pytest.raises(ValueError, match="at most 8"):
+        kkt_direction(torch.zeros(3), torch.zeros(9, 3), 1.0)
+
+
+def _spanning(rng, n, low, high):
+    """Entries ±U(1, 10)·10^e with e uniform in [low, high]."""
+    return rng.choice([-1.0, 1.0], n) * rng.uniform(1, 10, n) * 10.0 ** rng.uniform(low, high, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(["spanning", "tiny", "huge"]), eta=st.floats(0.1, 2)
+)
+def test_extreme_magnitudes_give_the_right_direction(dtype, seed, kind, eta):
+    """Entries spanning 1e-30..1e30 (whose fp32 squares overflow or underflow): δ matches the fp64
+    solution of the same (rounded) problem and meets the constraint."""
+    rng = np.random.default_rng(seed)
+    low, high = {"spanning": (-30, 30), "tiny": (-31, -29), "huge": (24, 26)}[kind]
+    r = torch.from_numpy(_spanning(rng, 64, low, high)).to(dtype)
+    f = torch.from_numpy(_spanning(rng, 64, low, high)).to(dtype)
+    a = eta * float(f.double() @ f.double())
+    delta, lam = kkt_direction(r, f, torch.tensor(a, dtype=torch.float64))
+    ref, lam_ref = kkt_direction(r.double(), f.double(), a)
+    assert bool(torch.isfinite(delta).all()) and bool(torch.isfinite(lam))
+    assert float(lam) == pytest.approx(float(lam_ref), rel=1e-4)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert float((delta.double() - ref).norm()) <= tol * float(ref.norm())
+    assert float(f.double() @ delta.double()) >= a * (1 - 30 * tol)
+
+
+def test_ordinary_fp32_inputs_keep_the_fp32_closed_form_bit_for_bit():
+    torch.manual_seed(0)
+    r, f = torch.randn(1000), torch.randn(1000)
+    g = F.gram(f, r)
+    lam = torch.clamp_min((0.7 * g.gg - g.gr) / g.gg, 0.0)
+    delta, got = kkt_direction(r, f, 0.7 * g.gg)
+    assert torch.equal(got, lam) and torch.equal(delta, r + lam * f)
