@@ -61,9 +61,9 @@ def pipe(model):
 
 @pytest.fixture(scope="module")
 def concept():
-    """Four 'latents' (4×2×2 for 16-px images) labelled with prompt indices 0 and 1."""
+    """Four latents (4×8×8 for 16-px images) labelled with prompt indices 0 and 1."""
     generator = torch.Generator().manual_seed(0)
-    return ImageData(torch.randn(4, 4, 2, 2, generator=generator), torch.tensor([0, 1, 0, 1]), 2, "c")
+    return ImageData(torch.randn(4, 4, 8, 8, generator=generator), torch.tensor([0, 1, 0, 1]), 2, "c")
 
 
 def weights(pipe) -> dict[str, torch.Tensor]:
@@ -88,9 +88,17 @@ def count_unet_calls(pipe) -> list[int]:
 
 
 @pytest.fixture
+def one_latent():
+    """One latent four times (the tiny UNet needs batches of 2+), one label: batches do not vary."""
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).repeat(4, 1, 1, 1)
+    return ImageData(z, torch.zeros(4, dtype=torch.long), 1, "c")
+
+
+@pytest.fixture
 def fixed_draws(monkeypatch):
-    """Every loss evaluation draws the same (t, ε): the attack then minimises a deterministic objective
-    (on the tiny random pipeline the text condition moves the loss less than the noise of the draws)."""
+    """Every loss evaluation draws the same (t, ε). With :func:`one_latent` the attack then minimises a
+    deterministic objective (on the tiny random pipeline the text condition moves the loss less than the
+    noise of the draws), and small steps must lower it."""
     loss = attacks.Denoising.loss
 
     def fixed(self, z0, cond, t=None):
@@ -124,23 +132,36 @@ def test_placeholder_tokens_embed_their_rows_and_leave_the_pipeline_alone(pipe):
             pass
 
 
-def test_textual_inversion_lowers_the_loss_and_spends_its_budget(pipe, concept, fixed_draws):
-    import dataclasses
-
-    budget = dataclasses.replace(TINY, batch_size=4, inversion_steps=10, inversion_lr=0.01)
+def test_textual_inversion_spends_its_budget_and_is_deterministic(pipe, concept):
     before, n = weights(pipe), len(pipe.tokenizer)
     calls = count_unet_calls(pipe)
     run = attacks.textual_inversion(
-        pipe, concept, "c", budget, torch.Generator().manual_seed(0), progress=False
+        pipe, concept, "c", TINY, torch.Generator().manual_seed(0), progress=False
     )
     assert_unchanged(pipe, before, n)
-    assert calls == [budget.batch_size] * (budget.inversion_steps * budget.accumulate)
-    assert run.record["steps"] == budget.inversion_steps and run.rows.shape == (1, 32)
-    assert run.record["loss_last"] < run.record["loss_first"]
+    assert calls == [TINY.batch_size] * (TINY.inversion_steps * TINY.accumulate)
+    assert run.record["steps"] == TINY.inversion_steps and run.rows.shape == (1, 32)
     again = attacks.textual_inversion(
-        pipe, concept, "c", budget, torch.Generator().manual_seed(0), progress=False
+        pipe, concept, "c", TINY, torch.Generator().manual_seed(0), progress=False
     )
-    assert torch.equal(again.rows, run.rows)  # deterministic for a seed
+    assert torch.equal(again.rows, run.rows)
+    other = attacks.textual_inversion(
+        pipe, concept, "c", TINY, torch.Generator().manual_seed(1), progress=False
+    )
+    assert not torch.equal(other.rows, run.rows)
+
+
+def test_textual_inversion_steps_descend_a_deterministic_objective(
+    pipe, one_latent, fixed_draws, monkeypatch
+):
+    import dataclasses
+
+    monkeypatch.setattr(attacks, "TEMPLATES", ("a photo of {}",))  # one template: nothing else varies
+    budget = dataclasses.replace(TINY, batch_size=4, accumulate=1, inversion_steps=3, inversion_lr=1e-3)
+    run = attacks.textual_inversion(
+        pipe, one_latent, "c", budget, torch.Generator().manual_seed(0), progress=False
+    )
+    assert run.record["loss_last"] < run.record["loss_first"]
 
 
 @pytest.mark.parametrize("mode", attacks.PREFIX_MODES)
@@ -166,17 +187,15 @@ def test_prompt_prefix_stays_on_the_simplex_and_sweeps_the_timesteps(pipe, conce
         assert torch.allclose(run.rows, w @ table)
 
 
-def test_soft_prefix_steps_descend_a_deterministic_objective(pipe, fixed_draws):
-    """One image (twice, as the tiny UNet needs a batch of 2), one timestep, fixed (t, ε): the
-    objective is a function of w alone, and small projected Adam steps lower it."""
+def test_soft_prefix_steps_descend_a_deterministic_objective(pipe, one_latent, fixed_draws):
     import dataclasses
 
-    z = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0)).repeat(2, 1, 1, 1)
-    one = ImageData(z, torch.tensor([0, 0]), 1, "c")
     budget = dataclasses.replace(
-        TINY, prefix_timesteps=1, prefix_iterations=3, prefix_batch_size=2, prefix_lr=1e-4
+        TINY, prefix_timesteps=1, prefix_iterations=3, prefix_batch_size=4, prefix_lr=1e-4
     )
-    run = attacks.prompt_prefix(pipe, one, ["x"], budget, torch.Generator().manual_seed(0), progress=False)
+    run = attacks.prompt_prefix(
+        pipe, one_latent, ["x"], budget, torch.Generator().manual_seed(0), progress=False
+    )
     assert run.record["loss_last"] < run.record["loss_first"]
 
 
@@ -267,6 +286,34 @@ def test_cli_image_folder_and_a_scrubbed_unet(model, tmp_path):
     )
     assert code == 0
     assert list(json.loads((out / "attack.json").read_text())) == ["none", "inversion"]
+
+
+def test_cli_v_prediction_model_and_sdxl_refusal(tmp_path, capsys):
+    v_model = sd_tiny.build_pipeline(str(tmp_path / "sd2"), sd2=True)
+    out = tmp_path / "v"
+    code = run_cli(
+        "--model",
+        v_model,
+        "--concept",
+        "nudity",
+        "--reference",
+        v_model,
+        "--attack",
+        "inversion",
+        "--out",
+        out,
+        "--cache-dir",
+        tmp_path / "cache",
+        "--score",
+        "none",
+    )
+    assert code == 0 and json.loads((out / "attack.json").read_text())["inversion"]["steps"] == 2
+    xl = sd_tiny.build_xl_pipeline(str(tmp_path / "xl"))
+    capsys.readouterr()
+    never = tmp_path / "never"
+    assert run_cli("--model", xl, "--concept", "nudity", "--reference", xl, "--out", never) == 2
+    err = capsys.readouterr().err
+    assert "SDXL" in err and err.count("\n") == 1 and not never.exists()
 
 
 @pytest.mark.parametrize(

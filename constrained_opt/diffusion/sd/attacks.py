@@ -206,10 +206,12 @@ class Denoising:
         from diffusers import DDPMScheduler
 
         self.scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.prediction = self.scheduler.config.prediction_type
         self.device = self.pipe.unet.device
 
     def loss(self, z0: Tensor, cond: Tensor, t: Tensor | None = None) -> Tensor:
-        """L = ‖ε − ε_θ(x_t, t | c)‖² with ε ~ N(0, I) and t ~ U{0..T−1} unless given."""
+        """L = ‖ε − ε_θ(x_t, t | c)‖² with ε ~ N(0, I) and t ~ U{0..T−1} unless given (for a
+        v-prediction model, ‖v − v_θ‖² with v = √ᾱ_t ε − √(1−ᾱ_t) z_0, its own training loss)."""
         z0 = z0.to(self.device)
         if t is None:
             t = torch.randint(
@@ -221,7 +223,8 @@ class Denoising:
         dtype = PRECISIONS[self.budget.mixed_precision]
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             pred = self.pipe.unet(x_t, t, encoder_hidden_states=cond).sample
-        return F.mse_loss(pred.float(), noise)
+        target = noise if self.prediction == "epsilon" else self.scheduler.get_velocity(z0, noise, t)
+        return F.mse_loss(pred.float(), target)
 
 
 def sweep_timesteps(count: int, total: int = 1000) -> list[int]:
@@ -473,10 +476,23 @@ class SDAttackJob:
     progress: bool = True
 
     def validate(self) -> None:
+        from diffusers import StableDiffusionPipeline
+
         from ..ddpm import check_output_dir
-        from .loading import check_model_arg
+        from .loading import check_model_arg, pipeline_class
 
         check_model_arg(self.model, self.config, self.original_config, self.offline)
+        if self.reference is not None:
+            check_model_arg(self.reference, None, None, self.offline)
+        for model, config in ((self.model, self.config), (self.reference, None)):
+            if (
+                model is not None
+                and pipeline_class(model, config, self.offline) is not StableDiffusionPipeline
+            ):
+                raise UsageError(
+                    f"{model}: attack sd supports SD 1.x/2.x pipelines (one CLIP text encoder); SDXL's two "
+                    "encoders are not supported yet"
+                )
         unknown = [a for a in self.attacks if a not in SD_ATTACKS]
         if unknown or not self.attacks:
             raise UsageError(
@@ -488,8 +504,6 @@ class SDAttackJob:
             raise UsageError("give exactly one of --images DIR (the concept's images) or --reference MODEL")
         if self.images is not None and not os.path.isdir(self.images):
             raise UsageError(f"image folder not found: {self.images}")
-        if self.reference is not None:
-            check_model_arg(self.reference, None, None, self.offline)
         if self.score not in ("auto", "none"):
             raise UsageError(f"--score must be auto or none, got {self.score!r}")
         if self.ua_classifier is not None and not os.path.isfile(self.ua_classifier):
