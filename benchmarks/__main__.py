@@ -15,7 +15,7 @@ import torch
 
 from .common import RESULTS, write_result
 
-ITEMS = ("step_overhead", "projection", "memory", "unlearning", "sa_budget")
+ITEMS = ("step_overhead", "projection", "memory", "unlearning", "sa_budget", "robustness")
 DEFAULT = ITEMS[:4]
 
 
@@ -30,17 +30,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-docs", action="store_true", help="do not regenerate docs/benchmarks.md")
     parser.add_argument("--rounds", type=int, help="step_overhead: repetitions per configuration")
     parser.add_argument("--cifar-ks", type=int, nargs="+", help="step_overhead: K values for the 35.7M model")
+    parser.add_argument(
+        "--work",
+        default="runs/benchmarks/robustness",
+        help="robustness: models and per-run results (resumable)",
+    )
+    parser.add_argument("--models", nargs="+", help="robustness: attack these demo output folders' models")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     suffix = f"_{device.type}" if device.type != "cpu" else ""
     for item in args.only:
         module = importlib.import_module(f".{item}", __package__)
         extra = {"rounds": args.rounds, "cifar_ks": args.cifar_ks} if item == "step_overhead" else {}
+        if item == "robustness":
+            extra = {"work": args.work, "models": args.models}
         payload = module.run(device, args.smoke, **extra)
         command = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
         meta = {"device": str(device), "smoke": args.smoke, "command": command}
         path = write_result(item + suffix, {**meta, **payload}, args.out)
         print(f"wrote {path}")
+        if hasattr(module, "update_doc") and not (args.smoke or args.no_docs):
+            module.update_doc(payload, command)  # docs/robustness.md
     if not (args.smoke or args.no_docs):
         from .report import write_docs
 

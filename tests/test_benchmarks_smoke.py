@@ -70,3 +70,21 @@ def test_sa_budget_smoke_measures_both_methods_in_one_run(tmp_path):
 
     text = Path(write_docs(str(tmp_path), docs_dir=str(tmp_path / "docs"), include_smoke=True)).read_text()
     assert "## 4b. Selective Amnesia at its published budget" in text and "| sa | 4 | 2 |" in text
+
+
+def test_robustness_smoke_attacks_every_model_and_renders_the_table(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks", "--only", "robustness", "--smoke", "--out", str(tmp_path)]
+    subprocess.run(
+        [*cmd, "--work", str(tmp_path / "work")], cwd=ROOT, check=True, capture_output=True, timeout=600
+    )
+    res = json.loads((tmp_path / "robustness.json").read_text())
+    assert {"base", "erasediff", "moo"} <= set(res["summary"]) and res["seeds"] == [0]
+    for figures in res["summary"].values():
+        assert {"none_p_forget", "inversion_p_forget", "mixture_p_forget", "relearn_steps"} <= set(figures)
+        assert all(0 <= f["mean"] <= 1 for k, f in figures.items() if k.endswith("p_forget"))
+    assert len(list((tmp_path / "work" / "smoke").glob("*-seed0.json"))) == len(res["summary"])
+
+    from benchmarks.robustness import markdown
+
+    table = markdown(res)
+    assert "| Unscrubbed (base) |" in table and "| EraseDiff (grad_norm) |" in table

@@ -74,10 +74,10 @@ class Budget:
     inversion_lr: float = 0.1
     mixture_lr: float = 0.01
     relearn_images: int = 8
-    relearn_steps: int = 200
+    relearn_steps: int = 100
     relearn_lr: float = 1e-4
-    benign_steps: int = 200
-    probe_every: int = 10
+    benign_steps: int = 100
+    probe_every: int = 5
     samples: int = 100
     sampling_steps: int = 50
     guidance: float = 2.0
