@@ -115,6 +115,11 @@ def _demo(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--checkpoint", help="base UNet checkpoint for digits (default: the shipped one)")
     p.add_argument("--classifier", help="evaluation classifier for digits (default: the shipped one)")
     p.add_argument("--cache-dir", help="default $XDG_CACHE_HOME/constrained_opt")
+    p.add_argument(
+        "--attacks",
+        action="store_true",
+        help="also attack every model (inversion, mixture, relearning, benign fine-tuning; minutes each)",
+    )
     _add_eval(p)
     _add_common(p)
 
@@ -142,6 +147,7 @@ def _demo(p: argparse.ArgumentParser) -> Runner:
             checkpoint=args.checkpoint,
             classifier=args.classifier,
             cache=args.cache_dir,
+            attacks=args.attacks,
             progress=not args.quiet,
         )
         print(metrics_table(results))

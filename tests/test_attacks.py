@@ -317,3 +317,28 @@ def test_cli_errors_are_one_line_and_write_nothing(files, tmp_path, capsys, args
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_demo_attacks_adds_the_under_attack_block(files, tmp_path, monkeypatch, capsys):
+    import functools
+
+    monkeypatch.setattr(attacks, "demo_attacks", functools.partial(attacks.demo_attacks, budget=TINY))
+    out = tmp_path / "demo"
+    unet, clf = files / "models" / "alpha.safetensors", files / "classifier.safetensors"
+    demo = (
+        f"demo --checkpoint {unet} --classifier {clf} --methods none --steps 2 --batch-size 8 --per-class 4 "
+        f"--sampling-steps 2 --quiet --attacks --out {out} --cache-dir {tmp_path / 'cache'}"
+    )
+    assert main(demo.split()) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in ("base", "erasediff"):
+        assert {f"attack_{a}_p_forget" for a in attacks.ATTACKS} <= set(metrics[name])
+        assert "attack_relearn_steps" in metrics[name]
+        assert (out / "state" / f"attack_{name}.json").exists()
+    table = (out / "table.md").read_text()
+    assert "### Under attack" in table and "| EraseDiff |" in table.split("### Under attack")[1]
+    # --resume reuses the attack results.
+    before = (out / "state" / "attack_erasediff.json").stat().st_mtime_ns
+    assert main([*demo.split(), "--resume"]) == 0
+    assert (out / "state" / "attack_erasediff.json").stat().st_mtime_ns == before
+    assert json.loads((out / "metrics.json").read_text()) == metrics

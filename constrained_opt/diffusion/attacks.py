@@ -533,6 +533,42 @@ def attack_table(rows: dict[str, dict], display: dict[str, str] | None = None) -
     return "\n".join(lines) + "\n"
 
 
+def demo_attacks(
+    models: dict[str, str],
+    classifier: nn.Module,
+    data: ImageData,
+    forget_class: int,
+    *,
+    seed: int,
+    state_dir: str,
+    resume: bool = False,
+    budget: Budget | None = None,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """``demo --attacks``: every checkpoint of ``models`` ({name: path}) under every attack at ``budget``
+    (default: :class:`Budget`) with the demo's seed; returns {name: :func:`summary`}. Each model's full
+    results go to ``state_dir/attack_<name>.json``, which ``resume`` reuses."""
+    from .io import read_json
+    from .models import load_unet
+
+    out = {}
+    device = next(classifier.parameters()).device
+    for name, path in models.items():
+        done = os.path.join(state_dir, f"attack_{name}.json")
+        if resume and os.path.isfile(done):
+            results = read_json(done)
+        else:
+            unet = load_unet(path)[0].to(device).eval()
+            run_budget = dataclasses.replace(budget or Budget(), seed=seed)
+            results, _ = attack_unet(
+                unet, classifier, data, forget_class, budget=run_budget, progress=progress
+            )
+            write_json(done, results)
+        out[name] = summary(results)
+        print(report_line(name, results), flush=True)
+    return out
+
+
 def save_attack_grid(path: str, samples: dict[str, Tensor], title: str, per_row: int = 10) -> None:
     """PNG with one row of class-c_f samples per attack (``none`` first), labelled."""
     from matplotlib.figure import Figure

@@ -34,7 +34,7 @@ from .models import (
     save_classifier,
     save_unet,
 )
-from .report import metrics_table, save_cosine_plot, save_sample_grid, write_report
+from .report import DISPLAY, metrics_table, save_cosine_plot, save_sample_grid, write_report
 from .sampling import SAMPLERS, sample
 from .train import train_classifier, train_unet
 
@@ -417,6 +417,7 @@ def demo(
     checkpoint: str | None = None,
     classifier: str | None = None,
     cache: str | None = None,
+    attacks: bool = False,
     progress: bool = True,
 ) -> dict[str, dict]:
     """Forget one digit with EraseDiff and ``methods``; evaluate everything; write the report.
@@ -424,7 +425,8 @@ def demo(
     Layout of ``out``: ``metrics.json``, ``report.md``, ``samples_<method>.png`` (base vs scrubbed),
     ``fig2_cosines.png``, ``models/<method>.safetensors``, and ``state/`` (per-model results that
     ``--resume`` reuses, plus the checkpoint of an interrupted method). ``hp`` holds
-    ``"method.key=value"`` overrides of the methods' defaults.
+    ``"method.key=value"`` overrides of the methods' defaults. ``attacks``: also attack every model
+    (:func:`.attacks.demo_attacks`), adding ``attack_*`` keys and an "under attack" table.
     """
     t_start = time.perf_counter()
     es = es or EvalSettings(seed=seed)
@@ -509,6 +511,16 @@ def demo(
             flush=True,
         )
 
+    if attacks:
+        from .attacks import demo_attacks
+
+        models = {
+            "base": unet_path,
+            **{m: os.path.join(out, "models", f"{m}.safetensors") for m in histories},
+        }
+        kw = dict(seed=seed, state_dir=state_dir, resume=resume, progress=progress)
+        for name, figures in demo_attacks(models, clf, data, forget_class, **kw).items():
+            results[name].update(figures)
     figures = [f"samples_{m}.png" for m in ("erasediff", *methods)]
     if "moo" in histories:
         save_cosine_plot(
@@ -539,8 +551,18 @@ def demo(
         acceptance_notes(results),
         figures,
     )
-    write_text(os.path.join(out, "table.md"), metrics_table(results))
+    write_text(os.path.join(out, "table.md"), metrics_table(results) + under_attack(results))
     return results
+
+
+def under_attack(results: dict[str, dict]) -> str:
+    """The "under attack" block of table.md when the models were attacked (``demo --attacks``)."""
+    from .attacks import attack_table
+
+    table = attack_table(results, DISPLAY)
+    return (
+        f"\n### Under attack (P(y=c_f) of class-c_f samples; docs/robustness.md)\n\n{table}" if table else ""
+    )
 
 
 def acceptance_notes(results: dict[str, dict]) -> list[str]:
