@@ -29,6 +29,7 @@ TINY = Budget(
     relearn_lr=1e-3,
     benign_steps=3,
     probe_every=2,
+    benign_probe_every=2,
     samples=6,
     sampling_steps=2,
     probe_samples=5,
@@ -36,7 +37,8 @@ TINY = Budget(
 )
 FLAGS = shlex.split(
     "--num-images 8 --steps 4 --batch-size 8 --relearn-images 4 --relearn-steps 2 --benign-steps 2 "
-    "--probe-every 1 --samples 4 --sampling-steps 2 --probe-samples 4 --probe-sampling-steps 1 --quiet"
+    "--probe-every 1 --benign-probe-every 1 --samples 4 --sampling-steps 2 --probe-samples 4 "
+    "--probe-sampling-steps 1 --quiet"
 )
 
 

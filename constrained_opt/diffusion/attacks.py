@@ -62,7 +62,8 @@ class Budget:
       ``batch_size`` at ``inversion_lr`` / ``mixture_lr``;
     - relearn: ``relearn_images`` (n) real images of c_f, ``relearn_steps`` (m) steps of batch n at
       ``relearn_lr``, probed every ``probe_every`` steps;
-    - benign: ``benign_steps`` steps of batch ``batch_size`` on the retained classes at ``relearn_lr``;
+    - benign: ``benign_steps`` steps of batch ``batch_size`` on the retained classes at ``relearn_lr``,
+      probed every ``benign_probe_every`` steps;
     - evaluation: ``samples`` images of the attacked class, DDIM ``sampling_steps``, CFG ``guidance``;
       probes use ``probe_samples`` images and DDIM ``probe_sampling_steps``;
     - ``seed`` fixes the image subsets, every (t, ε) draw and the sampling noise x_T.
@@ -74,10 +75,11 @@ class Budget:
     inversion_lr: float = 0.1
     mixture_lr: float = 0.01
     relearn_images: int = 8
-    relearn_steps: int = 100
+    relearn_steps: int = 60
     relearn_lr: float = 1e-4
     benign_steps: int = 100
     probe_every: int = 5
+    benign_probe_every: int = 25
     samples: int = 100
     sampling_steps: int = 50
     guidance: float = 2.0
@@ -375,6 +377,7 @@ def fine_tune_attack(
     scorer: Scorer,
     steps: int,
     batch_size: int,
+    probe_every: int,
     generator: torch.Generator,
     *,
     desc: str,
@@ -401,7 +404,7 @@ def fine_tune_attack(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
-        if step % budget.probe_every == 0 or step == steps:
+        if step % probe_every == 0 or step == steps:
             probes[step] = scorer.p_forget(model)
     model.eval()
     samples = scorer.images(model, scorer.forget_class, desc=f"sampling {desc}")
@@ -422,7 +425,15 @@ def relearn(unet, forget: ImageData, scorer: Scorer, generator: torch.Generator,
     b = scorer.budget
     images = pick(forget, b.relearn_images, generator, "forget-class")
     return fine_tune_attack(
-        unet, images, scorer, b.relearn_steps, b.relearn_images, generator, desc="relearn", progress=progress
+        unet,
+        images,
+        scorer,
+        b.relearn_steps,
+        b.relearn_images,
+        b.probe_every,
+        generator,
+        desc="relearn",
+        progress=progress,
     )
 
 
@@ -430,7 +441,15 @@ def benign(unet, retain: ImageData, scorer: Scorer, generator: torch.Generator, 
     """Attack 4: fine-tune on the retained classes only (batch ``batch_size``) for ``benign_steps``."""
     b = scorer.budget
     return fine_tune_attack(
-        unet, retain, scorer, b.benign_steps, b.batch_size, generator, desc="benign", progress=progress
+        unet,
+        retain,
+        scorer,
+        b.benign_steps,
+        b.batch_size,
+        b.benign_probe_every,
+        generator,
+        desc="benign",
+        progress=progress,
     )
 
 
