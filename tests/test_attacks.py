@@ -1,5 +1,6 @@
 """Attacks on a class-conditional DDPM (``constrained_opt.diffusion.attacks``) on tiny models, in seconds."""
 
+import dataclasses
 import json
 import os
 import shlex
@@ -148,6 +149,8 @@ def test_budget_and_attack_names_are_validated():
         Budget(steps=0)
     with pytest.raises(UsageError, match="guidance must be ≥ 0"):
         Budget(guidance=-1.0)
+    with pytest.raises(UsageError, match="mixture_start must be one of best, uniform"):
+        Budget(mixture_start="random")
     assert attacks.parse_attacks("all") == attacks.ATTACKS
     assert attacks.parse_attacks("relearn, inversion,relearn") == ("relearn", "inversion")
     with pytest.raises(UsageError, match="unknown attack"):
@@ -155,12 +158,13 @@ def test_budget_and_attack_names_are_validated():
 
 
 # ------------------------------------------------------------------------------------------- attacks
-@pytest.mark.parametrize("name", ["inversion", "mixture"])
+@pytest.mark.parametrize("name", ["inversion", "mixture", "mixture_uniform"])
 def test_embedding_attacks_lower_the_loss_keep_the_model_and_spend_their_budget(data, name):
     unet, clf = tiny_unet(), tiny_classifier()
     _, forget = split_forget(data, 3)
     before, flags = snapshot(unet), [p.requires_grad for p in unet.parameters()]
-    scorer = attacks.Scorer(clf, 3, TINY, progress=False)
+    budget = dataclasses.replace(TINY, mixture_start="uniform") if name == "mixture_uniform" else TINY
+    scorer = attacks.Scorer(clf, 3, budget, progress=False)
     counter = CallCounter(unet)
     fn = attacks.concept_inversion if name == "inversion" else attacks.embedding_mixture
     run = fn(unet, forget, scorer, torch.Generator().manual_seed(0), progress=False)
@@ -169,7 +173,7 @@ def test_embedding_attacks_lower_the_loss_keep_the_model_and_spend_their_budget(
     table = unet.class_embedding.weight.detach()
     # Forward calls: the optimisation steps, one sampling pass (CFG in one batch), and for the mixture
     # the C + 2 candidate starts.
-    starts = len(table) + 1 if name == "mixture" else 0
+    starts = len(table) + 1 if name == "mixture" else 0  # the uniform start checks no candidate
     assert len(counter.calls) == starts + TINY.steps + TINY.sampling_steps
     train_calls = counter.calls[starts : starts + TINY.steps]
     assert all(n == TINY.batch_size and (c == len(table)).all() for n, c in train_calls)
@@ -183,6 +187,7 @@ def test_embedding_attacks_lower_the_loss_keep_the_model_and_spend_their_budget(
         w = torch.tensor(run.record["weights"])
         assert w.min() >= 0 and abs(w.sum().item() - 1) < 1e-5
         kind = run.record["start"]
+        assert (kind == "uniform") == (name == "mixture_uniform")
         start = table.mean(0) if kind == "uniform" else table[int(kind.split()[-1])]
         end = w @ table
     assert fixed_loss(unet, images, end) < fixed_loss(unet, images, start)

@@ -36,7 +36,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -52,6 +52,7 @@ from .sampling import make_scheduler, sample
 
 ATTACKS = ("inversion", "mixture", "relearn", "benign")
 RELEARN_THRESHOLD = 0.5
+MIXTURE_STARTS = ("best", "uniform")
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,8 @@ class Budget:
     """The fixed budget of every attack. Defaults: minutes per model on 2 CPU cores for the digits DDPM.
 
     - inversion / mixture: ``num_images`` (N) real images of c_f, ``steps`` Adam steps of batch
-      ``batch_size`` at ``inversion_lr`` / ``mixture_lr``;
+      ``batch_size`` at ``inversion_lr`` / ``mixture_lr``; the mixture starts at :func:`best_start`
+      (``mixture_start="best"``) or at the uniform point as UnlearnDiffAtk (``"uniform"``);
     - relearn: ``relearn_images`` (n) real images of c_f, ``relearn_steps`` (m) steps of batch n at
       ``relearn_lr``, probed every ``probe_every`` steps;
     - benign: ``benign_steps`` steps of batch ``batch_size`` on the retained classes at ``relearn_lr``,
@@ -74,6 +76,7 @@ class Budget:
     batch_size: int = 32
     inversion_lr: float = 0.1
     mixture_lr: float = 0.01
+    mixture_start: str = field(default="best", metadata={"choices": MIXTURE_STARTS})
     relearn_images: int = 8
     relearn_steps: int = 60
     relearn_lr: float = 1e-4
@@ -92,7 +95,12 @@ class Budget:
             value = getattr(self, f.name)
             if f.name == "seed":
                 continue
-            if f.name == "guidance":
+            if "choices" in f.metadata:
+                if value not in f.metadata["choices"]:
+                    raise UsageError(
+                        f"attack budget: {f.name} must be one of {', '.join(f.metadata['choices'])}"
+                    )
+            elif f.name == "guidance":
                 if not value >= 0:
                     raise UsageError(f"attack budget: guidance must be ≥ 0, got {value}")
             elif not value > 0:
@@ -338,7 +346,10 @@ def embedding_mixture(
     t0, budget = time.perf_counter(), scorer.budget
     images = pick(forget, budget.num_images, generator, "forget-class")
     table = unet.class_embedding.weight.detach()
-    start = best_start(unet, images, table, generator)
+    if budget.mixture_start == "best":
+        start = best_start(unet, images, table, generator)
+    else:
+        start = torch.full((len(table),), 1.0 / len(table), device=table.device)
     weights = start.clone().unsqueeze(0).requires_grad_(True)
 
     def project() -> None:

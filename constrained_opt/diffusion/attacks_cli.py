@@ -21,6 +21,7 @@ DDPM_HELP = {
     "batch_size": "batch of inversion, mixture and benign fine-tuning",
     "inversion_lr": "Adam lr of the inverted class embedding",
     "mixture_lr": "Adam lr of the simplex weights",
+    "mixture_start": "best: the best of the uniform point and the vertices; uniform: UnlearnDiffAtk's start",
     "relearn_images": "n real images of c_f for relearning (also its batch)",
     "relearn_steps": "m relearning steps",
     "relearn_lr": "Adam lr of relearning and benign fine-tuning",
