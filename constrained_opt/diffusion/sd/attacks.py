@@ -1,8 +1,9 @@
 """Attacks that try to bring an erased concept back into a Stable Diffusion pipeline.
 
 Notation as in :mod:`.train`: z_0 a latent of an image of the erased concept, x_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε,
-c = CLIP(tokens) the text condition, L(c) = E‖ε − ε_θ(x_t, t | c)‖². The UNet, VAE and text encoder are
-frozen unless said otherwise; the pipeline is returned exactly as it came.
+c = CLIP(tokens) the text condition, L(c) = E‖ε − ε_θ(x_t, t | c)‖² (for a v-prediction model its own
+v-loss). SD 1.x and 2.x pipelines (one CLIP text encoder); SDXL is refused. The UNet, VAE and text
+encoder are frozen unless said otherwise; the pipeline is returned exactly as it came.
 
 - ``inversion`` — textual inversion of one new token ``<attack-0>`` (Gal et al. 2023) on the erased
   model, which is what concept inversion (Pham et al. 2024, NYU-DICE-Lab/circumventing-concept-erasure,
