@@ -502,6 +502,7 @@ def attack_unet(
     check_class(forget_class, data.num_classes)
     retain, forget = split_forget(data, forget_class)
     scorer = Scorer(classifier, forget_class, budget, progress)
+    was_training = unet.training
     unet.eval()
     results = {"none": scorer.score(images := scorer.images(unet, forget_class, desc="sampling none"))}
     samples = {"none": images}
@@ -513,6 +514,7 @@ def attack_unet(
             else ATTACK_FUNCTIONS[name](unet, forget, scorer, generator, progress)
         )
         results[name], samples[name] = run.record, run.images
+    unet.train(was_training)
     return results, samples
 
 
