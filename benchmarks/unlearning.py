@@ -38,7 +38,10 @@ PROBED = ("p_forget", "remaining_accuracy", "fid")
 
 
 def _row(name: str, m: dict) -> str:
-    cells = (f"{m[c]:.1f}" if c in ("time_s", "peak_mem_mb") else f"{m[c]:.3f}" for c in COLUMNS)
+    cells = (
+        "–" if m.get(c) is None else f"{m[c]:.1f}" if c in ("time_s", "peak_mem_mb") else f"{m[c]:.3f}"
+        for c in COLUMNS
+    )  # the base row has no unlearning time or memory
     return f"| {name} | " + " | ".join(cells) + " |"
 
 

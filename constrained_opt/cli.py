@@ -5,15 +5,20 @@ Subcommands live in registries so other modules add theirs without touching the 
 ``constrained-opt unlearn <target>``. A builder receives its ``argparse`` parser, adds its arguments
 and returns the function that runs the parsed namespace. Heavy imports happen inside the runners.
 
-User errors (:class:`~constrained_opt.diffusion.errors.UsageError` and argparse errors) print one line
-on stderr and exit with status 2; Ctrl-C exits with 130 and says how to resume.
+User errors print one line on stderr and exit with status 2, never a traceback: argparse errors (every
+numeric option is range-checked while parsing, see :mod:`~constrained_opt.diffusion.argtypes`),
+:class:`~constrained_opt.diffusion.errors.UsageError`, and the optimizer refusing a step (a diverging
+run) or a setting. Ctrl-C exits with 130 and says how to resume. ``--help`` shows every default.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
+
+from .diffusion.argtypes import COUNT, INDEX, NON_NEGATIVE, POSITIVE, SEED, int_in
 
 Runner = Callable[[argparse.Namespace], None]
 Builder = Callable[[argparse.ArgumentParser], Runner]
@@ -38,8 +43,24 @@ def unlearn_target(name: str, help: str) -> Callable[[Builder], Builder]:
     return register
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to every option whose help does not already state its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        unset = any(default is v for v in (None, False, argparse.SUPPRESS)) or default == []
+        if "default" in text.lower() or unset:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage dump)."""
+    """argparse with one-line errors (no usage dump) and every default shown in ``--help``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         print(f"{self.prog}: error: {message}", file=sys.stderr)
@@ -54,11 +75,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_eval(p: argparse.ArgumentParser, per_class: int = 100) -> None:
     g = p.add_argument_group("evaluation sampling")
     g.add_argument(
-        "--per-class", type=int, default=per_class, help="generated images per class (default %(default)s)"
+        "--per-class",
+        type=int_in(4, name="count"),
+        default=per_class,
+        help="generated images per class, at least 4 for k = 3 precision/recall (default %(default)s)",
     )
     g.add_argument("--sampler", default="ddim", help="ddim (default) or ddpm (all 1000 steps)")
-    g.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps (default %(default)s)")
-    g.add_argument("--guidance", type=float, default=2.0, help="CFG scale w in (1+w)ε(x,c) − wε(x,∅)")
+    g.add_argument(
+        "--sampling-steps",
+        type=int_in(1, 1000, name="count"),
+        default=50,
+        help="DDIM steps (default %(default)s)",
+    )
+    g.add_argument("--guidance", type=NON_NEGATIVE, default=2.0, help="CFG scale w in (1+w)ε(x,c) − wε(x,∅)")
 
 
 def _eval_settings(args: argparse.Namespace, seed: int = 0):
@@ -80,17 +109,19 @@ def _digits_default(args: argparse.Namespace, attr: str, shipped: str, what: str
 
 @command("demo", "forget one digit with EraseDiff and the baselines on scikit-learn's digits; write a report")
 def _demo(p: argparse.ArgumentParser) -> Runner:
-    p.add_argument("--forget-class", type=int, default=0, help="digit to forget (default 0)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--forget-class", type=INDEX, default=0, help="digit to forget (default 0)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the batches, the methods and the sampling")
     p.add_argument("--out", default="runs/demo", help="output directory (default %(default)s)")
     p.add_argument(
         "--methods",
         default="finetune,neggrad,moo,salun,sa",
         help="comma-separated baselines to run beside EraseDiff, or 'none' (default: all)",
     )
-    p.add_argument("--steps", type=int, default=300, help="unlearning steps per method (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument(
+        "--steps", type=COUNT, default=300, help="unlearning steps per method (default %(default)s)"
+    )
+    p.add_argument("--batch-size", type=COUNT, default=64, help="retain and forget batch size")
+    p.add_argument("--lr", type=POSITIVE, default=1e-4, help="Adam learning rate of every method")
     p.add_argument(
         "--forget-target",
         choices=("rl", "noise"),
@@ -162,14 +193,14 @@ def _demo(p: argparse.ArgumentParser) -> Runner:
 @command("train-base", "train the base class-conditional DDPM and/or the evaluation classifier (seeded)")
 def _train_base(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--data", default="digits", help="digits | cifar10:PATH | imagefolder:PATH")
-    p.add_argument("--what", choices=("unet", "classifier", "both"), default="both")
-    p.add_argument("--steps", type=int, default=3000, help="UNet training steps (default %(default)s)")
-    p.add_argument("--classifier-steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3, help="UNet Adam learning rate (default %(default)s)")
+    p.add_argument("--what", choices=("unet", "classifier", "both"), default="both", help="what to train")
+    p.add_argument("--steps", type=COUNT, default=3000, help="UNet training steps (default %(default)s)")
+    p.add_argument("--classifier-steps", type=COUNT, default=1500, help="classifier training steps")
+    p.add_argument("--batch-size", type=COUNT, default=128, help="training batch size")
+    p.add_argument("--lr", type=POSITIVE, default=1e-3, help="UNet Adam learning rate (default %(default)s)")
     p.add_argument("--preset", help="UNet preset: digits, cifar10 (the paper's), tiny (default: by dataset)")
-    p.add_argument("--image-size", type=int, default=32, help="imagefolder resize (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=COUNT, default=32, help="imagefolder resize (default %(default)s)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of initialisation and batches")
     p.add_argument("--out", help="output directory (default runs/base-<dataset>)")
     _add_common(p)
 
@@ -211,17 +242,17 @@ def _unlearn_ddpm(p: argparse.ArgumentParser) -> Runner:
     from .diffusion.baselines import METHODS
 
     p.add_argument("--method", required=True, choices=tuple(METHODS))
-    p.add_argument("--forget-class", type=int, required=True)
+    p.add_argument("--forget-class", type=INDEX, required=True, help="class index to forget")
     p.add_argument("--data", default="digits", help="digits | cifar10:PATH | imagefolder:PATH")
     p.add_argument("--checkpoint", help="base UNet checkpoint (default for digits: the shipped one)")
     p.add_argument(
         "--classifier", help="evaluation classifier; when given (or digits), metrics.json is written"
     )
     p.add_argument("--no-eval", action="store_true", help="skip evaluation")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, help="default 64 for digits, 128 otherwise (the paper's)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=COUNT, default=300, help="unlearning steps")
+    p.add_argument("--batch-size", type=COUNT, help="default 64 for digits, 128 otherwise (the paper's)")
+    p.add_argument("--lr", type=POSITIVE, default=1e-4, help="Adam learning rate")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the batches, the method and the sampling")
     p.add_argument("--forget-target", choices=("rl", "noise"), help="EraseDiff/MOO ε_f (default rl)")
     p.add_argument(
         "--hp",
@@ -230,7 +261,7 @@ def _unlearn_ddpm(p: argparse.ArgumentParser) -> Runner:
         metavar="KEY=VALUE",
         help="method hyperparameter, e.g. eta=0.5, inner_steps=2, alpha=0.01 (repeatable)",
     )
-    p.add_argument("--image-size", type=int, default=32, help="imagefolder resize (default %(default)s)")
+    p.add_argument("--image-size", type=COUNT, default=32, help="imagefolder resize (default %(default)s)")
     p.add_argument("--out", help="output directory (default runs/unlearn-<method>-c<class>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     _add_eval(p)
@@ -279,13 +310,13 @@ def _evaluate(p: argparse.ArgumentParser) -> Runner:
         metavar="NAME=PATH",
         help="a checkpoint to evaluate (repeatable; the first is the reference, e.g. base=...)",
     )
-    p.add_argument("--forget-class", type=int, required=True)
+    p.add_argument("--forget-class", type=INDEX, required=True, help="the forgotten class index")
     p.add_argument("--data", default="digits", help="digits | cifar10:PATH | imagefolder:PATH")
     p.add_argument("--classifier", help="evaluation classifier (default for digits: the shipped one)")
     p.add_argument("--inception-weights", help="torch-fidelity Inception-v3 weights: adds Inception FID")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/evaluate")
+    p.add_argument("--image-size", type=COUNT, default=32, help="imagefolder resize")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the initial noise x_T")
+    p.add_argument("--out", default="runs/evaluate", help="output directory")
     _add_eval(p)
     _add_common(p)
 
@@ -341,14 +372,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _optimizer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the optimizer refusing a step or a setting: a :class:`ClosureError` or
+    :class:`UpdateError`, or a ``ValueError`` raised inside the optimizer's modules (optimizer,
+    functional, rules, _flat)."""
+    from . import optimizer
+
+    if isinstance(exc, optimizer.ClosureError | optimizer.UpdateError):
+        return True
+    if not isinstance(exc, ValueError) or exc.__traceback__ is None:
+        return False
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    where = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    core = os.path.dirname(os.path.abspath(optimizer.__file__))
+    return os.path.dirname(where) == core and os.path.basename(where) in _OPTIMIZER_MODULES
+
+
+_OPTIMIZER_MODULES = ("optimizer.py", "functional.py", "rules.py", "_flat.py")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Called with ``argv=None`` (the ``constrained-opt`` process itself), it also
+    picks torch's thread count from the CPUs that are free (:mod:`constrained_opt.threads`)."""
     from .diffusion.errors import UsageError
 
     args = build_parser().parse_args(argv)
+    if argv is None:
+        from .threads import configure_threads
+
+        note = configure_threads()
+        if note:
+            print(f"constrained-opt: {note}", file=sys.stderr)
     try:
         args.run(args)
     except UsageError as e:
         print(f"constrained-opt: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        if not _optimizer_failure(e):
+            raise
+        reason = " ".join(str(e).split())
+        print(
+            f"constrained-opt: error: the optimizer stopped the run: {reason}. Lower --lr or the method's "
+            "step sizes (--hp inner_lr=..., eta=...) and run it again without --resume",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("constrained-opt: interrupted; run the same command with --resume to continue", file=sys.stderr)

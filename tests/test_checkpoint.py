@@ -1,5 +1,6 @@
 """Checkpoints: bit-identical resume, atomicity under failure and SIGKILL, clear errors on bad input."""
 
+import json
 import multiprocessing
 import os
 import random
@@ -8,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import safetensors
 import safetensors.torch
 import torch
 from torch import nn
@@ -239,3 +241,186 @@ def test_tied_weights_are_saved_and_restored(tmp_path):
     other[1].weight = other[0].weight
     load_checkpoint(path, other, restore_rng=False)
     assert torch.equal(other[0].weight, model[0].weight) and other[1].weight is other[0].weight
+
+
+# ---------------------------------------------------------------------- all or nothing (issue 10, item 7)
+
+
+def rewrite(path, edit_structure=None, edit_metadata=None, checksum=True):
+    """Rewrite a checkpoint's metadata as a crafted file would, with a valid checksum unless told not to."""
+    from constrained_opt import checkpoint
+
+    with safetensors.safe_open(path, framework="pt") as fh:
+        metadata, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    if edit_structure is not None:
+        structure = json.loads(metadata["structure"])
+        edit_structure(structure)
+        metadata["structure"] = json.dumps(structure)
+    if edit_metadata is not None:
+        edit_metadata(metadata)
+    if checksum:
+        metadata["sha256"] = checkpoint._digest(metadata, tensors)
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+
+
+def snapshot(model, opt):
+    state = opt.state_dict()["state"]
+    return flat(model).clone(), {k: {n: t.clone() for n, t in v.items()} for k, v in state.items()}
+
+
+def assert_untouched(model, opt, before, rng=None):
+    params, state = before
+    assert torch.equal(flat(model), params)
+    now = opt.state_dict()["state"]
+    assert now.keys() == state.keys()
+    assert all(torch.equal(now[k][n], t) for k, v in state.items() for n, t in v.items())
+    if rng is not None:
+        assert torch.equal(torch.get_rng_state(), rng)
+
+
+def stepped(seed):
+    """A model and optimizer with non-trivial state (one step taken), to load into."""
+    seed_all(seed)
+    model, opt = build(seed)
+    opt.step(*closures(model))
+    return model, opt
+
+
+def test_crafted_rng_state_is_refused_before_model_or_optimizer_change(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    saved_run(path)
+
+    def truncate_numpy_keys(structure):  # numpy's set_state raised IndexError after the model was loaded
+        numpy_state = structure["rng"]["__dict__"][1][1]
+        numpy_state[1] = numpy_state[1][:5]
+
+    rewrite(path, truncate_numpy_keys)
+    model, opt = stepped(3)
+    before, rng = snapshot(model, opt), torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"invalid RNG state .*restore_rng=False"):
+        load_checkpoint(path, model, opt)
+    assert_untouched(model, opt, before, rng)
+    assert load_checkpoint(path, model, opt, restore_rng=False)["step"] == 1  # the rest is usable
+
+
+def drop(encoded_dict, key):
+    items = encoded_dict["__dict__"]
+    items[:] = [item for item in items if item[0] != key]
+
+
+@pytest.mark.parametrize(
+    ("edit_structure", "edit_metadata"),
+    [
+        (None, lambda m: m.update(structure="{not json")),
+        (lambda s: s.pop("rng"), None),
+        (lambda s: s["model"].append("ghost.weight"), None),
+        (lambda s: s["optimizer"].update(state={"__tensor__": "t/999"}), None),
+        (lambda s: drop(s["optimizer"]["state"], "param_groups"), None),
+        (lambda s: s["optimizer"].update(param_shapes=[[1]]), None),
+        (None, lambda m: m.update(version="two")),
+    ],
+    ids=["json", "no-rng", "missing-tensor", "dangling-ref", "no-param-groups", "shapes", "version"],
+)
+def test_malformed_metadata_gives_a_value_error_and_changes_nothing(tmp_path, edit_structure, edit_metadata):
+    path = tmp_path / "ckpt.safetensors"
+    saved_run(path)
+    rewrite(path, edit_structure, edit_metadata)
+    model, opt = stepped(3)
+    before, rng = snapshot(model, opt), torch.get_rng_state()
+    with pytest.raises(ValueError, match="malformed"):
+        load_checkpoint(path, model, opt)
+    assert_untouched(model, opt, before, rng)
+
+
+def test_optimizer_over_other_parameters_with_equal_group_sizes_is_refused(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    saved_run(path)
+    model, _ = stepped(3)
+    w0, b0, w1, b1 = model.parameters()
+    swapped = ValueFunctionBilevelOptimizer([b0, w0, w1, b1], torch.optim.AdamW, lr=1e-2, inner_steps=2)
+    with pytest.raises(ValueError, match=r"parameters of other shapes \(group 0 parameter 0: saved \(8, 4\)"):
+        load_checkpoint(path, model, swapped)
+    assert swapped.state_dict()["state"] == {}
+
+
+def test_a_flipped_payload_bit_is_detected(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    saved_run(path)
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    rng = np.random.default_rng(0)
+    model, opt = stepped(3)
+    before = snapshot(model, opt)
+    for position in [header, len(data) - 1, *rng.integers(header, len(data), 6)]:
+        flipped = bytearray(data)
+        flipped[position] ^= 1 << int(rng.integers(8))
+        path.write_bytes(flipped)
+        with pytest.raises(ValueError, match="fails its SHA-256 check"):
+            load_checkpoint(path, model, opt)
+        assert_untouched(model, opt, before)
+    path.write_bytes(data)
+    load_checkpoint(path, model, opt)
+
+
+class Counter(nn.Module):
+    """A module with non-tensor extra state (``get_extra_state``), as torch.nn allows."""
+
+    def __init__(self, fail=False):
+        super().__init__()
+        self.lin, self.calls, self.fail = nn.Linear(4, 2).double(), 0, fail
+
+    def get_extra_state(self):
+        return {"calls": self.calls, "scale": torch.full((2,), float(self.calls))}
+
+    def set_extra_state(self, state):
+        if self.fail:
+            raise RuntimeError("incompatible extra state")
+        self.calls = state["calls"]
+
+
+def test_modules_with_extra_state_save_and_load(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    torch.manual_seed(0)
+    model = Counter()
+    model.calls = 7
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model.lin(torch.ones(1, 4, dtype=torch.float64)).sum().backward()
+    opt.step()
+    save_checkpoint(path, model, opt)
+    fresh = Counter()
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.1)
+    load_checkpoint(path, fresh, fresh_opt)
+    assert fresh.calls == 7 and torch.equal(fresh.lin.weight, model.lin.weight)
+    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+    # set_extra_state runs user code the checks cannot foresee: when it raises, everything is put back.
+    failing = Counter(fail=True)
+    failing_opt = torch.optim.Adam(failing.parameters(), lr=0.1)
+    failing.lin(torch.ones(1, 4, dtype=torch.float64)).sum().backward()
+    failing_opt.step()
+    weight, exp_avg = failing.lin.weight.clone(), failing_opt.state_dict()["state"][0]["exp_avg"].clone()
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"incompatible extra state.*left as they were"):
+        load_checkpoint(path, failing, failing_opt)
+    assert torch.equal(failing.lin.weight, weight) and failing.calls == 0
+    assert torch.equal(failing_opt.state_dict()["state"][0]["exp_avg"], exp_avg)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_version_1_checkpoints_still_load_with_a_warning(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    model, _ = saved_run(path)
+
+    def as_version_1(structure):
+        structure.pop("model_extra")
+        structure["optimizer"].pop("param_shapes")
+
+    def v1_metadata(metadata):
+        metadata["version"] = "1"
+        metadata.pop("sha256")
+
+    rewrite(path, as_version_1, v1_metadata, checksum=False)
+    fresh, fresh_opt = build(5)
+    with pytest.warns(UserWarning, match="version-1 checkpoint: it carries no checksum"):
+        assert load_checkpoint(path, fresh, fresh_opt)["step"] == 1
+    assert torch.equal(flat(fresh), flat(model)) and fresh_opt.steps_taken == 1

@@ -295,7 +295,7 @@ def test_interrupted_unlearning_resumes_to_the_same_model(tmp_path, digits, tiny
     assert len(resumed.history) == 6
     for k, v in straight.unet.state_dict().items():
         torch.testing.assert_close(resumed.unet.state_dict()[k], v, rtol=0, atol=0)
-    with pytest.raises(UsageError, match="for method erasediff"):
+    with pytest.raises(UsageError, match=r"--method erasediff \(now moo\)"):
         baselines.unlearn("moo", tiny_unet, retain, forget, 0, checkpoint=ckpt, resume=True, **kwargs)
 
 

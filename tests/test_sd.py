@@ -139,9 +139,9 @@ def test_latent_cache_resumes_and_is_deterministic(tmp_path):
     [
         ("--concept nudity --forget-class tench", "not allowed with"),
         ("--forget-class goldfish", "unknown Imagenette class"),
-        ("--concept nudity --steps 0", "--steps must be a positive"),
+        ("--concept nudity --steps 0", "argument --steps: expected an integer ≥ 1, got 0"),
         ("--concept nudity --resolution 12", "multiple of 8"),
-        ("--concept nudity --keep 0", "--keep must be in (0, 1]"),
+        ("--concept nudity --keep 0", "argument --keep: expected a finite number > 0 and ≤ 1, got 0"),
         ("--concept nudity --anchor ''", "--anchor"),
     ],
 )

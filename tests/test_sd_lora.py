@@ -174,8 +174,8 @@ def test_generate_with_a_lora_adapter_and_score_it(model, cache, tmp_path):
     "args, message",
     [
         ("--concept nudity --merge", "--merge fuses a LoRA adapter"),
-        ("--concept nudity --train-params lora --lora-rank 0", "--lora-rank must be a positive"),
-        ("--concept nudity --train-params lora --lora-alpha -1", "--lora-alpha must be positive"),
+        ("--concept nudity --train-params lora --lora-rank 0", "--lora-rank: expected an integer ≥ 1"),
+        ("--concept nudity --train-params lora --lora-alpha -1", "--lora-alpha: expected a finite number"),
         ("--concept nudity --train-params lora --lora-target attn", "invalid choice"),
     ],
 )

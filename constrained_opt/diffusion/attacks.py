@@ -579,23 +579,32 @@ def demo_attacks(
 ) -> dict[str, dict]:
     """``demo --attacks``: every checkpoint of ``models`` ({name: path}) under every attack at ``budget``
     (default: :class:`Budget`) with the demo's seed; returns {name: :func:`summary`}. Each model's full
-    results go to ``state_dir/attack_<name>.json``, which ``resume`` reuses."""
+    results go to ``state_dir/attack_<name>.json``, which ``resume`` reuses when it was made from the
+    same checkpoint file (sha256) with the same budget."""
+    import hashlib
+
     from .io import read_json
     from .models import load_unet
 
     out = {}
     device = next(classifier.parameters()).device
+    run_budget = dataclasses.replace(budget or Budget(), seed=seed)
     for name, path in models.items():
         done = os.path.join(state_dir, f"attack_{name}.json")
-        if resume and os.path.isfile(done):
-            results = read_json(done)
+        with open(path, "rb") as f:
+            key = {
+                "model_sha256": hashlib.sha256(f.read()).hexdigest(),
+                "budget": dataclasses.asdict(run_budget),
+            }
+        saved = read_json(done) if resume and os.path.isfile(done) else {}
+        if {k: saved.get(k) for k in key} == key:
+            results = saved["results"]
         else:
             unet = load_unet(path)[0].to(device).eval()
-            run_budget = dataclasses.replace(budget or Budget(), seed=seed)
             results, _ = attack_unet(
                 unet, classifier, data, forget_class, budget=run_budget, progress=progress
             )
-            write_json(done, results)
+            write_json(done, {**key, "results": results})
         out[name] = summary(results)
         print(report_line(name, results), flush=True)
     return out

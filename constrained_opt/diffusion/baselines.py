@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from .losses import (
     unet_eps,
 )
 from .metrics import PeakMemory
+from .resume import check_resume, restoring, run_config
 from .sampling import make_scheduler, sample
 
 
@@ -68,15 +70,20 @@ class Setup:
 
 @dataclass
 class Hyper:
-    """Method hyperparameters; every numeric one must be ≥ 0 (checked before anything runs)."""
+    """Method hyperparameters; every numeric one must be finite and ≥ 0, and the clipping norm > 0
+    (checked before anything runs)."""
 
     max_grad_norm: float = 1.0
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, int | float) and not value >= 0:
-                raise UsageError(f"hyperparameter {f.name} must be ≥ 0, got {value}")
+            if isinstance(value, int | float) and not (math.isfinite(value) and value >= 0):
+                raise UsageError(f"hyperparameter {f.name} must be a finite number ≥ 0, got {value}")
+        if not self.max_grad_norm > 0:
+            raise UsageError(
+                f"hyperparameter max_grad_norm must be > 0 (δ is clipped to it), got {self.max_grad_norm}"
+            )
 
 
 class Method:
@@ -385,12 +392,16 @@ def unlearn(
     progress: bool = True,
     probe: Callable[[Any], dict[str, float]] | None = None,
     probe_every: int = 0,
+    inputs: dict[str, Any] | None = None,
 ) -> UnlearnResult:
     """Scrub ``forget_class`` from a copy of ``unet`` with ``method``; the input model is not modified.
 
     With ``checkpoint``, the model, method state (optimizer, mask, Fisher, ...), samplers, RNG states
     and history are saved there every ``checkpoint_every`` steps; after a Ctrl-C, ``resume=True``
-    continues from that file (bit-for-bit the same run as an uninterrupted one).
+    continues from that file (bit-for-bit the same run as an uninterrupted one). The checkpoint stores
+    the run's configuration (these arguments, the resolved hyperparameters and ``inputs``, which
+    identify the data and the base model); resuming with any other configuration raises
+    :class:`UsageError`, except more ``steps`` (see :mod:`.resume`).
 
     With ``probe``, ``probe(unet)`` is called after every ``probe_every`` steps and its figures are
     recorded in ``UnlearnResult.probes`` with the step and the unlearning time so far; the probe's own
@@ -406,6 +417,9 @@ def unlearn(
     generator = torch.Generator().manual_seed(seed + 2)
     setup = Setup(unet, retain.num_classes, forget_class, lr, generator, progress=progress)
     m = make_method(method, setup, hparams or {})
+    config = run_config(
+        method, forget_class, steps, batch_size, lr, seed, dataclasses.asdict(m.hp), **(inputs or {})
+    )
     samplers = {
         "retain": BatchSampler(retain, batch_size, seed),
         "forget": BatchSampler(forget, batch_size, seed + 1),
@@ -417,6 +431,7 @@ def unlearn(
             checkpoint,
             {
                 "method": method,
+                "config": config,
                 "step": step,
                 "history": history,
                 "probes": probes,
@@ -435,17 +450,19 @@ def unlearn(
     with meter:
         if resume and checkpoint and os.path.exists(checkpoint):
             state = load_state(checkpoint)
-            if state["method"] != method:
-                raise UsageError(f"checkpoint {checkpoint} is for method {state['method']}, not {method}")
-            unet.load_state_dict(state["model"])
-            m.load_state_dict(state["method_state"])
-            for k, s in samplers.items():
-                s.load_state_dict(state["samplers"][k])
-            generator.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
-            start, history, elapsed = state["step"], state["history"], state["elapsed"]
-            probes = state.get("probes", [])
-            prep_s, peak = state["prep_s"], state["peak_mem_mb"]
+            with restoring(checkpoint):
+                note = check_resume(checkpoint, state.get("config"), config, int(state["step"]))
+                if note:
+                    print(note, flush=True)
+                unet.load_state_dict(state["model"])
+                m.load_state_dict(state["method_state"])
+                for k, s in samplers.items():
+                    s.load_state_dict(state["samplers"][k])
+                generator.set_state(state["generator"])
+                torch.set_rng_state(state["torch_rng"])
+                start, history, elapsed = state["step"], state["history"], state["elapsed"]
+                probes = state.get("probes", [])
+                prep_s, peak = state["prep_s"], state["peak_mem_mb"]
         else:
             t0 = time.perf_counter()
             m.prepare(retain, forget)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from .baselines import BASELINES, METHODS, UnlearnResult, parse_hparams, unlearn
 from .data import ImageData, check_class, load_data, split_forget
-from .errors import UsageError
+from .errors import EvaluationError, UsageError
 from .io import load_state, read_json, save_state, write_json, write_text
 from .metrics import evaluate_generated
 from .models import (
@@ -35,7 +36,8 @@ from .models import (
     save_unet,
 )
 from .report import DISPLAY, metrics_table, save_cosine_plot, save_sample_grid, write_report
-from .sampling import SAMPLERS, sample
+from .resume import check_resume, run_config
+from .sampling import NUM_TRAIN_TIMESTEPS, SAMPLERS, sample
 from .train import train_classifier, train_unet
 
 METRIC_KEYS = (
@@ -65,6 +67,10 @@ class EvalSettings:
             raise UsageError(f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLERS)}")
         if self.per_class < 4:
             raise UsageError("need at least 4 evaluation samples per class (k = 3 precision/recall)")
+        if not 1 <= self.num_steps <= NUM_TRAIN_TIMESTEPS:
+            raise UsageError(f"sampling steps must be in [1, {NUM_TRAIN_TIMESTEPS}], got {self.num_steps}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise UsageError(f"guidance must be a finite number ≥ 0, got {self.guidance}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -216,10 +222,19 @@ def evaluate_unet(
     inception: str | None = None,
     progress: bool = True,
 ) -> tuple[dict, Tensor, Tensor]:
-    """(metrics, samples, labels) for one model; FID/PR against the real images of the remaining classes."""
+    """(metrics, samples, labels) for one model; FID/PR against the real images of the remaining classes.
+
+    A model whose samples or features are not finite gets ``{"failed": reason}`` as its metrics (a
+    failed row in the report) instead of stopping the job.
+    """
     images, labels = generate(unet, data.num_classes, es, desc, progress)
     real = data.images[data.labels != forget_class]
-    return evaluate_generated(classifier, images, labels, real, forget_class, inception), images, labels
+    try:
+        metrics = evaluate_generated(classifier, images, labels, real, forget_class, inception)
+    except EvaluationError as e:
+        print(f"{desc}: evaluation failed: {e}", flush=True)
+        metrics = {"failed": str(e)}
+    return metrics, images, labels
 
 
 def _file_digest(path: str) -> str:
@@ -246,6 +261,23 @@ class UnlearnJob:
     seed: int = 0
     hparams: dict | None = None
 
+    def resolved_hparams(self) -> dict:
+        """Every hyperparameter the method runs with: the overrides and the defaults."""
+        return asdict(METHODS[self.method].Hyper(**(self.hparams or {})))
+
+    def config(self, **inputs) -> dict:
+        """The run's configuration as ``--resume`` compares it (see :mod:`.resume`)."""
+        return run_config(
+            self.method,
+            self.forget_class,
+            self.steps,
+            self.batch_size,
+            self.lr,
+            self.seed,
+            self.resolved_hparams(),
+            **inputs,
+        )
+
     def run(
         self,
         unet,
@@ -254,6 +286,7 @@ class UnlearnJob:
         checkpoint: str | None,
         resume: bool,
         progress: bool = True,
+        inputs: dict | None = None,
     ) -> UnlearnResult:
         return unlearn(
             self.method,
@@ -269,6 +302,7 @@ class UnlearnJob:
             checkpoint=checkpoint,
             resume=resume,
             progress=progress,
+            inputs=inputs,
         )
 
 
@@ -280,7 +314,7 @@ def result_record(job: UnlearnJob, result: UnlearnResult) -> dict:
         "steps": job.steps,
         "batch_size": job.batch_size,
         "lr": job.lr,
-        "hparams": job.hparams or {},
+        "hparams": job.resolved_hparams(),
     }
 
 
@@ -309,7 +343,10 @@ def unlearn_ddpm(
     retain, forget = split_forget(data, job.forget_class)
     state_path = os.path.join(out, "checkpoint.safetensors")
     os.makedirs(out, exist_ok=True)
-    result = job.run(unet, retain, forget, state_path, resume, progress)
+    inputs = {"data": data_spec, "base": _file_digest(checkpoint)}
+    if data_spec.startswith("imagefolder"):
+        inputs["image_size"] = image_size
+    result = job.run(unet, retain, forget, state_path, resume, progress, inputs)
     record = result_record(job, result)
     save_unet(
         os.path.join(out, "model.safetensors"),
@@ -462,7 +499,20 @@ def demo(
     os.makedirs(state_dir, exist_ok=True)
 
     # Base model: evaluated once per (checkpoint, classifier, settings, class) and cached across runs.
-    key = _eval_key(_file_digest(unet_path), _file_digest(clf_path), asdict(es), forget_class)
+    digests = {"base": _file_digest(unet_path), "classifier": _file_digest(clf_path)}
+    inputs = {"data": "digits", "base": digests["base"]}
+    jobs = {m: UnlearnJob(m, forget_class, steps, batch_size, lr, seed, hp) for m, hp in hparams.items()}
+    # A finished row is reused only if it was made with this configuration and evaluation; all are
+    # checked before anything runs.
+    configs = {
+        m: {**job.config(**inputs), "classifier": digests["classifier"], "evaluation": asdict(es)}
+        for m, job in jobs.items()
+    }
+    for m, config in configs.items():
+        done = os.path.join(state_dir, f"{m}.json")
+        if resume and os.path.isfile(done):
+            check_resume(done, read_json(done).get("config"), config, hp_prefix=f"{m}.")
+    key = _eval_key("no-fake-zeros", digests["base"], digests["classifier"], asdict(es), forget_class)
     base_cache = os.path.join(cache, f"base-eval-{key}.safetensors")
     if os.path.isfile(base_cache):
         base = load_state(base_cache)
@@ -470,7 +520,7 @@ def demo(
     else:
         metrics, images, labels = evaluate_unet(unet, clf, data, forget_class, es, "base", progress=progress)
         base = {
-            "metrics": {**metrics, "time_s": 0.0, "prep_s": 0.0, "peak_mem_mb": 0.0},
+            "metrics": metrics,  # no time or memory: the base model has no unlearning stage
             "images": images,
             "labels": labels,
         }
@@ -483,13 +533,19 @@ def demo(
             record = read_json(done)
             print(f"{method}: done in a previous run, reusing {done}", flush=True)
         else:
-            job = UnlearnJob(method, forget_class, steps, batch_size, lr, seed, hparams[method])
+            job = jobs[method]
             ckpt = os.path.join(state_dir, f"{method}.checkpoint.safetensors")
-            result = job.run(unet, retain, forget, ckpt, resume, progress)
+            result = job.run(unet, retain, forget, ckpt, resume, progress, inputs)
             save_unet(
                 os.path.join(out, "models", f"{method}.safetensors"),
                 result.unet,
-                provenance(base=unet_path, method=method, forget_class=forget_class, seed=seed),
+                provenance(
+                    base=unet_path,
+                    method=method,
+                    forget_class=forget_class,
+                    seed=seed,
+                    **result_record(job, result),
+                ),
             )
             metrics, images, labels = evaluate_unet(
                 result.unet, clf, data, forget_class, es, f"eval {method}", progress=progress
@@ -499,25 +555,28 @@ def demo(
                 {"base": (base["images"], base["labels"]), method: (images, labels)},
                 title=f"forget digit {forget_class}: base vs {method}",
             )
-            record = {"metrics": {**metrics, **result_record(job, result)}, "history": result.history}
+            record = {
+                "config": configs[method],
+                "metrics": {**metrics, **result_record(job, result)},
+                "history": result.history,
+            }
             write_json(done, record)
             if os.path.exists(ckpt):
                 os.remove(ckpt)
         results[method] = record["metrics"]
         histories[method] = record["history"]
-        print(
-            f"{method}: P(y=c_f|x_f) {results[method]['p_forget']:.3f}, remaining acc "
-            f"{results[method]['remaining_accuracy']:.3f}, FID {results[method]['fid']:.3f}",
-            flush=True,
-        )
+        if "failed" not in results[method]:
+            print(
+                f"{method}: P(y=c_f|x_f) {results[method]['p_forget']:.3f}, remaining acc "
+                f"{results[method]['remaining_accuracy']:.3f}, FID {results[method]['fid']:.3f}",
+                flush=True,
+            )
 
     if attacks:
         from .attacks import demo_attacks
 
-        models = {
-            "base": unet_path,
-            **{m: os.path.join(out, "models", f"{m}.safetensors") for m in histories},
-        }
+        scrubbed = {m: os.path.join(out, "models", f"{m}.safetensors") for m in histories}
+        models = {"base": unet_path, **{m: p for m, p in scrubbed.items() if "failed" not in results[m]}}
         kw = dict(seed=seed, state_dir=state_dir, resume=resume, progress=progress)
         for name, figures in demo_attacks(models, clf, data, forget_class, **kw).items():
             results[name].update(figures)
@@ -572,6 +631,9 @@ def acceptance_notes(results: dict[str, dict]) -> list[str]:
     more than 20% (an improvement passes).
     """
     base, ed = results["base"], results["erasediff"]
+    failed = [name for name in ("base", "erasediff") if "failed" in results[name]]
+    if failed:
+        return [f"Acceptance: not checked, the evaluation of {' and '.join(failed)} failed."]
     acc_drop = base["remaining_accuracy"] - ed["remaining_accuracy"]
     fid_ratio = ed["fid"] / base["fid"]
     checks = [

@@ -17,7 +17,7 @@ import time
 import torch
 from torch import Tensor, nn
 
-from .errors import UsageError
+from .errors import EvaluationError, UsageError
 
 
 class FeatureExtractor(nn.Module):
@@ -187,6 +187,14 @@ class PeakMemory:
         self._final = self.peak_mb
 
 
+def require_finite(x: Tensor, what: str) -> None:
+    """Raise :class:`EvaluationError` if a row of ``x`` holds NaN or inf: FID's matrix square root
+    (LAPACK's DGEBAL) can crash the whole process on them, and every other figure would be NaN."""
+    bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+    if bad.any():
+        raise EvaluationError(f"{int(bad.sum())} of {len(x)} {what} are not finite (NaN or inf)")
+
+
 def evaluate_generated(
     classifier,
     samples: Tensor,
@@ -198,14 +206,19 @@ def evaluate_generated(
     """All quality/erasure figures for one model from its samples (one per entry of ``labels``).
 
     ``real`` holds real images of the remaining classes; FID and precision/recall compare them with the
-    samples generated for the remaining classes.
+    samples generated for the remaining classes. Non-finite samples or features raise
+    :class:`EvaluationError` before any figure is computed.
     """
+    require_finite(samples, "generated images")
     probs = classifier_probs(classifier, samples)
     is_forget = labels == forget_class
     p_forget, entropy = forget_scores(probs[is_forget], forget_class)
     generated = samples[~is_forget]
     feature = classifier_features(classifier)
-    precision, recall = precision_recall(feature(real), feature(generated))
+    real_features, fake_features = feature(real), feature(generated)
+    require_finite(real_features, "classifier features of the real images")
+    require_finite(fake_features, "classifier features of the generated images")
+    precision, recall = precision_recall(real_features, fake_features)
     out = {
         "p_forget": p_forget,
         "forget_entropy": entropy,

@@ -44,7 +44,8 @@ def _cell(value, fmt: str) -> str:
 
 
 def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
-    """Markdown table, one row per model, only the columns some model has."""
+    """Markdown table, one row per model, only the columns some model has; a model whose evaluation
+    failed (``{"failed": reason}``) has "–" cells and its reason listed below the table."""
     cols = [c for c in COLUMNS if any(c[0] in m for m in metrics.values())]
     lines = [
         "| Model | " + " | ".join(title for _, title, _ in cols) + " |",
@@ -53,7 +54,12 @@ def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
     for name, m in metrics.items():
         cells = [_cell(m.get(key), fmt) for key, _, fmt in cols]
         lines.append(f"| {DISPLAY.get(name, name)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    failed = [
+        f"- {DISPLAY.get(n, n)}: evaluation failed: {m['failed']}"
+        for n, m in metrics.items()
+        if "failed" in m
+    ]
+    return "\n".join(lines) + "\n" + "".join(f"\n{line}" for line in failed) + ("\n" if failed else "")
 
 
 def _grid(images: Tensor, labels: Tensor, per_row: int):

@@ -11,6 +11,7 @@ import functools
 import os
 from collections.abc import Callable
 
+from ..argtypes import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, int_in
 from ..errors import UsageError
 from .params import PARAM_SETS
 from .prompts import CONCEPTS, imagenette_classes
@@ -55,28 +56,28 @@ def _unlearn_sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
         help="noxattn: all but attn2, conv_out/conv_norm_out, time_embedding (ESD's); xattn: attn2; full; "
         "lora: a LoRA adapter on the --lora-target set (the base weights never change)",
     )
-    p.add_argument("--steps", type=int, help="default: 5 epochs over the forget set (ESD: 1000)")
+    p.add_argument("--steps", type=COUNT, help="default: 5 epochs over the forget set (ESD: 1000)")
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=COUNT,
         help="default: " + ", ".join(f"{m} {b}" for m, b in DEFAULT_BATCH.items()),
     )
     p.add_argument(
         "--gradient-accumulation-steps",
-        type=int,
+        type=COUNT,
         default=1,
         help="micro-batches of --batch-size per step (EraseDiff: each closure is MicroBatches over them)",
     )
     p.add_argument(
-        "--num-forget", type=int, default=400, help="generated forget images (default %(default)s)"
+        "--num-forget", type=COUNT, default=400, help="generated forget images (default %(default)s)"
     )
     p.add_argument(
-        "--num-retain", type=int, default=400, help="generated retain images (default %(default)s)"
+        "--num-retain", type=COUNT, default=400, help="generated retain images (default %(default)s)"
     )
     p.add_argument(
-        "--resolution", type=int, help="image side in pixels (default: the model's, 512 for SD 1.x)"
+        "--resolution", type=COUNT, help="image side in pixels (default: the model's, 512 for SD 1.x)"
     )
-    p.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate (default %(default)s)")
+    p.add_argument("--lr", type=POSITIVE, default=1e-5, help="Adam learning rate (default %(default)s)")
     p.add_argument(
         "--anchor",
         action="append",
@@ -85,8 +86,8 @@ def _unlearn_sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
     )
     p.add_argument("--out", required=True, help="output directory (unet/, before_after.png, run.json)")
     g = p.add_argument_group("LoRA (--train-params lora)")
-    g.add_argument("--lora-rank", type=int, default=4, help="rank r (default %(default)s)")
-    g.add_argument("--lora-alpha", type=float, help="α; the update is (α/r)·BA (default: r)")
+    g.add_argument("--lora-rank", type=COUNT, default=4, help="rank r (default %(default)s)")
+    g.add_argument("--lora-alpha", type=POSITIVE, help="α; the update is (α/r)·BA (default: r)")
     g.add_argument(
         "--lora-target",
         choices=PARAM_SETS,
@@ -95,23 +96,31 @@ def _unlearn_sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
     )
     g.add_argument("--merge", action="store_true", help="also write OUT/unet/ with the adapter fused in")
     g = p.add_argument_group("EraseDiff")
-    g.add_argument("--inner-steps", type=int, default=2, help="K (default %(default)s, the authors' SD runs)")
-    g.add_argument("--inner-lr", type=float, help="ξ (default: --lr)")
-    g.add_argument("--eta", type=float, default=1.0, help="η of the grad_norm rule (default %(default)s)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip ‖δ‖ (default %(default)s)")
+    g.add_argument(
+        "--inner-steps", type=int_in(0), default=2, help="K (default %(default)s, the authors' SD runs)"
+    )
+    g.add_argument("--inner-lr", type=NON_NEGATIVE, help="ξ (default: --lr)")
+    g.add_argument(
+        "--eta", type=NON_NEGATIVE, default=1.0, help="η of the grad_norm rule (default %(default)s)"
+    )
+    g.add_argument("--max-grad-norm", type=POSITIVE, default=1.0, help="clip ‖δ‖ (default %(default)s)")
     g = p.add_argument_group("ESD and SalUn")
-    g.add_argument("--negative-guidance", type=float, default=1.0, help="ESD η (default %(default)s)")
-    g.add_argument("--start-guidance", type=float, default=3.0, help="ESD CFG while reaching x_t (default 3)")
-    g.add_argument("--alpha", type=float, default=0.5, help="SalUn retain weight α (default %(default)s)")
-    g.add_argument("--keep", type=float, default=0.5, help="SalUn saliency fraction (default %(default)s)")
+    g.add_argument("--negative-guidance", type=NON_NEGATIVE, default=1.0, help="ESD η (default %(default)s)")
+    g.add_argument(
+        "--start-guidance", type=NON_NEGATIVE, default=3.0, help="ESD CFG while reaching x_t (default 3)"
+    )
+    g.add_argument(
+        "--alpha", type=NON_NEGATIVE, default=0.5, help="SalUn retain weight α (default %(default)s)"
+    )
+    g.add_argument("--keep", type=FRACTION, default=0.5, help="SalUn saliency fraction (default %(default)s)")
     g = p.add_argument_group("data generation and image grid")
-    g.add_argument("--gen-steps", type=int, default=50, help="sampling steps (default %(default)s)")
-    g.add_argument("--gen-guidance", type=float, default=7.5, help="CFG scale (default %(default)s)")
-    g.add_argument("--gen-batch-size", type=int, default=4)
+    g.add_argument("--gen-steps", type=COUNT, default=50, help="sampling steps (default %(default)s)")
+    g.add_argument("--gen-guidance", type=NON_NEGATIVE, default=7.5, help="CFG scale (default %(default)s)")
+    g.add_argument("--gen-batch-size", type=COUNT, default=4, help="sampling batch size")
     g.add_argument("--cache-dir", help="latent cache root (default $XDG_CACHE_HOME/constrained_opt)")
     g.add_argument("--grid-prompt", action="append", help="grid row prompt, repeatable (default: task's)")
-    g.add_argument("--grid-images", type=int, default=2, help="images per prompt and side (default 2)")
-    g.add_argument("--grid-steps", type=int, default=50)
+    g.add_argument("--grid-images", type=COUNT, default=2, help="images per prompt and side (default 2)")
+    g.add_argument("--grid-steps", type=COUNT, default=50, help="grid sampling steps")
     g = p.add_argument_group("memory")
     g.add_argument(
         "--mixed-precision",
@@ -119,12 +128,14 @@ def _unlearn_sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
         default="no",
         help="autocast the UNet (fp32 master weights); fp16 adds a GradScaler",
     )
-    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="adam8bit needs bitsandbytes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the data sets, batches and grid")
     add_common(p)
 
     def run(args: argparse.Namespace) -> None:
+        from ..ddpm import check_output_dir
+        from .loading import check_model_arg
         from .prompts import make_task
         from .train import SDJob, unlearn_sd
 
@@ -170,6 +181,11 @@ def _unlearn_sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
             device=args.device,
             progress=not args.quiet,
         )
+        # Fail fast: options, paths and the output directory are checked before unlearn_sd imports
+        # diffusers, transformers and accelerate (seconds and about 1 GB before the first check).
+        job.resolved()
+        check_model_arg(args.model, args.config, args.original_config, args.offline)
+        check_output_dir(args.out)
         record = unlearn_sd(job)
         final = ", ".join(f"{k}={v:.4g}" for k, v in record["final"].items())
         trained = f"{record['trained_parameters']:,} parameters trained"
@@ -212,13 +228,13 @@ def _sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
         "'nudity' (the four prompts) or 'imagenette' ('an image of [c]' with a class column)",
     )
     g.add_argument("--out", required=True, help="output folder: images/ and manifest.csv")
-    g.add_argument("--per-prompt", type=int, default=1, help="images per row (default %(default)s)")
-    g.add_argument("--steps", type=int, default=50, help="sampling steps (default %(default)s)")
-    g.add_argument("--guidance", type=float, default=7.5, help="CFG scale where the CSV has none")
-    g.add_argument("--seed", type=int, default=0, help="seed where the CSV has none")
-    g.add_argument("--resolution", type=int, help="default: the model's (512 for SD v1.x)")
-    g.add_argument("--limit", type=int, help="only the first N rows")
-    g.add_argument("--batch-size", type=int, default=4)
+    g.add_argument("--per-prompt", type=COUNT, default=1, help="images per row (default %(default)s)")
+    g.add_argument("--steps", type=COUNT, default=50, help="sampling steps (default %(default)s)")
+    g.add_argument("--guidance", type=NON_NEGATIVE, default=7.5, help="CFG scale where the CSV has none")
+    g.add_argument("--seed", type=SEED, default=0, help="seed where the CSV has none")
+    g.add_argument("--resolution", type=COUNT, help="default: the model's (512 for SD v1.x)")
+    g.add_argument("--limit", type=COUNT, help="only the first N rows")
+    g.add_argument("--batch-size", type=COUNT, default=4, help="sampling batch size")
     g.add_argument(
         "--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="weights dtype for sampling"
     )
@@ -229,16 +245,14 @@ def _sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
 
         from ..ddpm import check_output_dir, resolve_device
         from .evaluate import BUILTIN_PROMPTS, builtin_prompt_rows, generate_images, read_prompt_csv
-        from .loading import load_pipeline
+        from .loading import check_model_arg, load_pipeline
         from .lora import check_lora_path, load_lora
 
-        if (
-            args.per_prompt < 1
-            or args.steps < 1
-            or args.batch_size < 1
-            or (args.limit is not None and args.limit < 1)
-        ):
-            raise UsageError("--per-prompt, --steps, --batch-size and --limit must be positive")
+        check_model_arg(args.model, args.config, args.original_config, args.offline)
+        if args.resolution is not None and args.resolution % 8:
+            raise UsageError(
+                f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {args.resolution}"
+            )
         if args.unet and not os.path.isfile(os.path.join(args.unet, "config.json")):
             raise UsageError(f"{args.unet} is not a diffusers UNet folder (no config.json)")
         if args.lora:
@@ -279,7 +293,9 @@ def _sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
 
     n = sub.add_parser("nudenet", help="count NudeNet exposed parts (labels *_EXPOSED) above a threshold")
     n.add_argument("--images", required=True, help="a folder from `sd generate` or any image folder")
-    n.add_argument("--threshold", type=float, default=0.6, help="detection score threshold (default 0.6)")
+    n.add_argument(
+        "--threshold", type=PROBABILITY, default=0.6, help="detection score threshold (default 0.6)"
+    )
     n.add_argument("--out", help="result JSON (default IMAGES/nudenet.json)")
     add_common(n)
 
@@ -303,7 +319,7 @@ def _sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
         "--classifier", required=True, help="torchvision state dict, e.g. resnet50 ImageNet weights"
     )
     u.add_argument("--arch", default="resnet50", help="torchvision architecture name (default %(default)s)")
-    u.add_argument("--batch-size", type=int, default=32)
+    u.add_argument("--batch-size", type=COUNT, default=32, help="classifier batch size")
     u.add_argument("--out", help="result JSON (default IMAGES/ua.json)")
     add_common(u)
 
@@ -331,7 +347,7 @@ def _sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
     c.add_argument(
         "--clip", required=True, help="local CLIP folder (e.g. openai/clip-vit-large-patch14 files)"
     )
-    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--batch-size", type=COUNT, default=32, help="CLIP batch size")
     c.add_argument("--out", help="result JSON (default IMAGES/clip_score.json)")
     add_common(c)
 
@@ -349,7 +365,7 @@ def _sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
     f.add_argument("--images", required=True, help="generated images")
     f.add_argument("--reference", required=True, help="reference images (e.g. COCO-30K validation)")
     f.add_argument("--inception-weights", required=True, help="torch-fidelity Inception-v3 weights (.pth)")
-    f.add_argument("--batch-size", type=int, default=50)
+    f.add_argument("--batch-size", type=COUNT, default=50, help="Inception batch size")
     f.add_argument("--out", help="result JSON (default IMAGES/fid.json)")
     add_common(f)
 
