@@ -262,7 +262,11 @@ def test_summary_and_table_carry_the_demo_keys():
 
 # ------------------------------------------------------------------------------------------- CLI
 def cli(*words) -> int:
-    return main(["attack", "ddpm", *FLAGS, *map(str, words)])
+    """``constrained-opt attack ddpm`` in-process; argparse errors (SystemExit) become their exit code."""
+    try:
+        return main(["attack", "ddpm", *FLAGS, *map(str, words)])
+    except SystemExit as e:
+        return e.code
 
 
 def test_cli_single_model_writes_json_png_and_report(files, tmp_path, capsys):
@@ -303,7 +307,9 @@ def test_cli_folder_attacks_every_model(files, tmp_path):
         (["--attack", "inversion,magic"], "unknown attack(s) magic"),
         (["--classifier", "{unet}"], "is not a classifier checkpoint"),
         (["--num-images", "5000"], "attack budget asks for 5000"),
-        (["--steps", "0"], "steps must be positive"),
+        (["--steps", "0"], "argument --steps: expected an integer ≥ 1, got 0"),
+        (["--inversion-lr", "inf"], "argument --inversion-lr: expected a finite number > 0"),
+        (["--mixture-start", "random"], "argument --mixture-start: invalid choice"),
         (["--model", "{unet}", "--model", "{unet}"], "two models are named 'alpha'"),
         (["--data", "cifar10:/no/such/dir"], "--classifier is required"),
     ],

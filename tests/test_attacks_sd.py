@@ -373,7 +373,7 @@ def test_cli_v_prediction_model_and_sdxl_refusal(tmp_path, capsys):
         (["--concept", "nudity", "--reference", "{model}", "--resolution", "12"], "multiple of 8"),
         (
             ["--concept", "nudity", "--reference", "{model}", "--prefix-lr", "0"],
-            "--prefix-lr must be positive",
+            "argument --prefix-lr: expected a finite number > 0",
         ),
         (["--forget-class", "zebra", "--reference", "{model}"], "unknown Imagenette class"),
         (

@@ -12,6 +12,8 @@ import dataclasses
 import functools
 from collections.abc import Callable
 
+from .argtypes import COUNT, NON_NEGATIVE, POSITIVE, SEED
+
 Runner = Callable[[argparse.Namespace], None]
 AddCommon = Callable[[argparse.ArgumentParser], None]
 
@@ -37,12 +39,26 @@ DDPM_HELP = {
 }
 
 
+# Range checks while parsing (argtypes): counts ≥ 1, seeds, finite rates > 0, guidance and decay ≥ 0.
+NON_NEGATIVE_FIELDS = ("guidance", "prefix_weight_decay")
+
+
+def flag_type(name: str, default):
+    if name == "seed":
+        return SEED
+    if isinstance(default, int):
+        return COUNT
+    if isinstance(default, float):
+        return NON_NEGATIVE if name in NON_NEGATIVE_FIELDS else POSITIVE
+    return str
+
+
 def add_budget_flags(p: argparse.ArgumentParser, budget_cls, helps: dict[str, str], title: str) -> None:
-    """One ``--field-name`` flag per budget field, typed and defaulted from the dataclass."""
+    """One ``--field-name`` flag per budget field, typed, range-checked and defaulted from the dataclass."""
     g = p.add_argument_group(title)
     for f in dataclasses.fields(budget_cls):
         flag = "--" + f.name.replace("_", "-")
-        kind = type(f.default)
+        kind = flag_type(f.name, f.default)
         extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
         g.add_argument(
             flag,
