@@ -281,11 +281,7 @@ def textual_inversion(
                 total += loss.item()
             optimizer.step()
             losses.append(total)
-    record = {
-        **loss_record(losses, t0),
-        "steps": budget.inversion_steps,
-        "vector_norm": vector.norm().item(),
-    }
+    record = {**loss_record(losses, t0), "vector_norm": vector.norm().item()}
     return PromptAttack(vector.detach(), [t.format("<attack-0>") for t in TEMPLATES], record)
 
 
