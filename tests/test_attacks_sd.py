@@ -219,9 +219,11 @@ def test_relearning_trains_a_copy_and_probes_on_schedule(pipe, concept):
     assert record["steps"] == TINY.relearn_steps and record["num_images"] == len(concept)
 
 
-def run_cli(*words) -> int:
+def run_cli(command: str, *paths) -> int:
+    """``constrained-opt attack sd`` in-process with the FAST budget before ``command`` (``{}`` take
+    ``paths``); argparse errors (SystemExit) become their exit code."""
     try:
-        return main(["attack", "sd", *FAST, *map(str, words)])
+        return main(["attack", "sd", *FAST, *shlex.split(command.format(*paths))])
     except SystemExit as e:
         return e.code
 
@@ -230,20 +232,8 @@ def test_cli_reference_images_end_to_end(model, tmp_path, capsys):
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "out"
-    code = run_cli(
-        "--model",
-        model,
-        "--concept",
-        "nudity",
-        "--reference",
-        model,
-        "--out",
-        out,
-        "--cache-dir",
-        tmp_path / "cache",
-        "--score",
-        "none",
-    )
+    cmd = "--model {0} --concept nudity --reference {0} --out {1} --cache-dir {2} --score none"
+    code = run_cli(cmd, model, out, tmp_path / "cache")
     assert code == 0
     result = json.loads((out / "attack.json").read_text())
     assert list(result) == ["none", "inversion", "prefix", "relearn"]
@@ -277,22 +267,8 @@ def test_cli_scores_each_attack_and_finds_when_relearning_succeeds(model, tmp_pa
 
     monkeypatch.setattr(evaluate, "nudenet_counts", counts)
     out = tmp_path / "out"
-    code = run_cli(
-        "--model",
-        model,
-        "--concept",
-        "nudity",
-        "--reference",
-        model,
-        "--attack",
-        "inversion,relearn",
-        "--out",
-        out,
-        "--cache-dir",
-        tmp_path / "cache",
-        "--nudenet-threshold",
-        "0.45",
-    )
+    cmd = "--model {0} --concept nudity --reference {0} --attack inversion,relearn --out {1} --cache-dir {2}"
+    code = run_cli(cmd + " --nudenet-threshold 0.45", model, out, tmp_path / "cache")
     assert code == 0
     result = json.loads((out / "attack.json").read_text())
     assert result["none"]["asr"] == 0 and result["inversion"]["asr"] == 1
@@ -309,22 +285,8 @@ def test_cli_image_folder_and_a_scrubbed_unet(model, tmp_path):
     for i in range(4):
         Image.new("RGB", (20, 24), (40 * i, 10, 200)).save(folder / f"{i}.png")
     out = tmp_path / "out"
-    code = run_cli(
-        "--model",
-        model,
-        "--unet",
-        f"{model}/unet",
-        "--prompt",
-        "a red car",
-        "--images",
-        folder,
-        "--attack",
-        "inversion",
-        "--out",
-        out,
-        "--score",
-        "none",
-    )
+    cmd = "--model {0} --unet {0}/unet --prompt 'a red car' --images {1} --attack inversion --out {2}"
+    code = run_cli(cmd + " --score none", model, folder, out)
     assert code == 0
     assert list(json.loads((out / "attack.json").read_text())) == ["none", "inversion"]
 
@@ -332,27 +294,13 @@ def test_cli_image_folder_and_a_scrubbed_unet(model, tmp_path):
 def test_cli_v_prediction_model_and_sdxl_refusal(tmp_path, capsys):
     v_model = sd_tiny.build_pipeline(str(tmp_path / "sd2"), sd2=True)
     out = tmp_path / "v"
-    code = run_cli(
-        "--model",
-        v_model,
-        "--concept",
-        "nudity",
-        "--reference",
-        v_model,
-        "--attack",
-        "inversion",
-        "--out",
-        out,
-        "--cache-dir",
-        tmp_path / "cache",
-        "--score",
-        "none",
-    )
+    cmd = "--model {0} --concept nudity --reference {0} --attack inversion --out {1} --cache-dir {2}"
+    code = run_cli(cmd + " --score none", v_model, out, tmp_path / "cache")
     assert code == 0 and json.loads((out / "attack.json").read_text())["inversion"]["steps"] == 2
     xl = sd_tiny.build_xl_pipeline(str(tmp_path / "xl"))
     capsys.readouterr()
     never = tmp_path / "never"
-    assert run_cli("--model", xl, "--concept", "nudity", "--reference", xl, "--out", never) == 2
+    assert run_cli("--model {0} --concept nudity --reference {0} --out {1}", xl, never) == 2
     err = capsys.readouterr().err
     assert "SDXL" in err and err.count("\n") == 1 and not never.exists()
 
@@ -385,7 +333,7 @@ def test_cli_v_prediction_model_and_sdxl_refusal(tmp_path, capsys):
 def test_cli_errors_are_one_line_and_write_nothing(model, tmp_path, capsys, args, message):
     out = tmp_path / "never"
     args = [a.format(model=model) for a in args]
-    assert run_cli("--model", model, "--out", out, *args) == 2
+    assert run_cli(" ".join(["--model {} --out {}", *map(shlex.quote, args)]), model, out) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not out.exists()
