@@ -286,9 +286,16 @@ def test_cli_single_model_writes_json_png_and_report(files, tmp_path, capsys):
 
 def test_cli_folder_attacks_every_model(files, tmp_path):
     out = tmp_path / "all"
-    code = cli("--model", files / "models", "--classifier", files / "classifier.safetensors",
-               "--forget-class", 1, "--attack", "mixture", "--out", out)  # fmt: skip
-    assert code == 0
+    args = (
+        "--model",
+        files / "models",
+        "--classifier",
+        files / "classifier.safetensors",
+        "--forget-class",
+        1,
+    )
+    args += ("--attack", "mixture", "--out", out)
+    assert cli(*args) == 0
     everything = json.loads((out / "attacks.json").read_text())
     assert list(everything) == ["alpha", "beta"] and all(
         list(r) == ["none", "mixture"] for r in everything.values()
@@ -296,6 +303,14 @@ def test_cli_folder_attacks_every_model(files, tmp_path):
     for name in everything:
         assert json.loads((out / name / "attack.json").read_text()) == everything[name]
         assert (out / name / "attack_samples.png").exists()
+    # --resume skips the models already attacked with this budget, and redoes them under another.
+    states = {p.name: p.stat().st_mtime_ns for p in (out / "state").iterdir()}
+    assert sorted(states) == ["alpha.json", "beta.json"]
+    assert cli(*args, "--resume") == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "state").iterdir()} == states
+    assert json.loads((out / "attacks.json").read_text()) == everything
+    assert cli(*args, "--resume", "--seed", "1") == 0
+    assert json.loads((out / "attacks.json").read_text()) != everything
 
 
 @pytest.mark.parametrize(

@@ -565,6 +565,43 @@ def attack_table(rows: dict[str, dict], display: dict[str, str] | None = None) -
     return "\n".join(lines) + "\n"
 
 
+def cached_attack(
+    path: str,
+    classifier: nn.Module,
+    data: ImageData,
+    forget_class: int,
+    attacks: tuple[str, ...],
+    budget: Budget,
+    state_file: str,
+    *,
+    resume: bool = False,
+    unet=None,
+    progress: bool = True,
+) -> tuple[dict[str, dict], dict[str, Tensor] | None]:
+    """:func:`attack_unet` on the checkpoint ``path`` (or the already loaded ``unet``), its results kept in
+    ``state_file``. With ``resume``, a state file made from the same checkpoint file (sha256), attacks
+    and budget is reused instead; the samples are then None."""
+    import hashlib
+
+    from .io import read_json
+    from .models import load_unet
+
+    with open(path, "rb") as f:
+        key = {
+            "model_sha256": hashlib.sha256(f.read()).hexdigest(),
+            "attacks": list(attacks),
+            "budget": dataclasses.asdict(budget),
+        }
+    saved = read_json(state_file) if resume and os.path.isfile(state_file) else {}
+    if {k: saved.get(k) for k in key} == key:
+        return saved["results"], None
+    if unet is None:
+        unet = load_unet(path)[0].to(next(classifier.parameters()).device).eval()
+    results, samples = attack_unet(unet, classifier, data, forget_class, attacks, budget, progress=progress)
+    write_json(state_file, {**key, "results": results})
+    return results, samples
+
+
 def demo_attacks(
     models: dict[str, str],
     classifier: nn.Module,
@@ -579,32 +616,14 @@ def demo_attacks(
 ) -> dict[str, dict]:
     """``demo --attacks``: every checkpoint of ``models`` ({name: path}) under every attack at ``budget``
     (default: :class:`Budget`) with the demo's seed; returns {name: :func:`summary`}. Each model's full
-    results go to ``state_dir/attack_<name>.json``, which ``resume`` reuses when it was made from the
-    same checkpoint file (sha256) with the same budget."""
-    import hashlib
-
-    from .io import read_json
-    from .models import load_unet
-
+    results go to ``state_dir/attack_<name>.json``, which ``resume`` reuses (:func:`cached_attack`)."""
     out = {}
-    device = next(classifier.parameters()).device
     run_budget = dataclasses.replace(budget or Budget(), seed=seed)
     for name, path in models.items():
-        done = os.path.join(state_dir, f"attack_{name}.json")
-        with open(path, "rb") as f:
-            key = {
-                "model_sha256": hashlib.sha256(f.read()).hexdigest(),
-                "budget": dataclasses.asdict(run_budget),
-            }
-        saved = read_json(done) if resume and os.path.isfile(done) else {}
-        if {k: saved.get(k) for k in key} == key:
-            results = saved["results"]
-        else:
-            unet = load_unet(path)[0].to(device).eval()
-            results, _ = attack_unet(
-                unet, classifier, data, forget_class, budget=run_budget, progress=progress
-            )
-            write_json(done, {**key, "results": results})
+        state = os.path.join(state_dir, f"attack_{name}.json")
+        results, _ = cached_attack(
+            path, classifier, data, forget_class, ATTACKS, run_budget, state, resume=resume, progress=progress
+        )
         out[name] = summary(results)
         print(report_line(name, results), flush=True)
     return out
@@ -686,6 +705,7 @@ def attack_ddpm(
     budget: Budget | None = None,
     image_size: int = 32,
     device: str = "auto",
+    resume: bool = False,
     progress: bool = True,
 ) -> dict[str, dict[str, dict]]:
     """``constrained-opt attack ddpm``: attack each model; returns {model: {attack: record}}.
@@ -693,7 +713,9 @@ def attack_ddpm(
     One model: ``out/attack.json`` ({attack: record}), ``out/attack_samples.png``, ``out/report.md``.
     Several (``models`` holds folders or several files): the same two files in ``out/<model>/`` for each,
     plus ``out/attacks.json`` ({model: {attack: record}}) and ``out/report.md`` with one row per model.
-    Every input is loaded and checked before anything is written.
+    ``out/state/<model>.json`` keeps each model's results; ``resume`` skips the models already attacked
+    with the same checkpoint, attacks and budget. Every input is loaded and checked before anything is
+    written.
     """
     from .data import load_data
     from .ddpm import check_output_dir, resolve_device
@@ -725,15 +747,26 @@ def attack_ddpm(
     everything, lines = {}, []
     for name, unet in unets.items():
         folder = out if single else os.path.join(out, name)
-        results, samples = attack_unet(
-            unet, classifier, data, forget_class, attacks, budget, progress=progress
+        state = os.path.join(out, "state", f"{name}.json")
+        results, samples = cached_attack(
+            paths[name],
+            classifier,
+            data,
+            forget_class,
+            attacks,
+            budget,
+            state,
+            resume=resume,
+            unet=unet,
+            progress=progress,
         )
-        write_json(os.path.join(folder, "attack.json"), results)
-        save_attack_grid(
-            os.path.join(folder, "attack_samples.png"),
-            samples,
-            f"{name}: samples for class {forget_class} under each attack (seed {budget.seed})",
-        )
+        if samples is not None:  # else reused: its files are there from the previous run
+            write_json(os.path.join(folder, "attack.json"), results)
+            save_attack_grid(
+                os.path.join(folder, "attack_samples.png"),
+                samples,
+                f"{name}: samples for class {forget_class} under each attack (seed {budget.seed})",
+            )
         everything[name] = results
         lines.append(report_line(name, results))
         print(lines[-1], flush=True)

@@ -112,6 +112,9 @@ def _attack_ddpm(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
     p.add_argument("--classifier", help="evaluation classifier (default for digits: the shipped one)")
     p.add_argument("--image-size", type=int, default=32, help="imagefolder resize (default %(default)s)")
     p.add_argument("--out", default="runs/attack", help="output directory (default %(default)s)")
+    p.add_argument(
+        "--resume", action="store_true", help="skip the models already attacked in OUT (same budget)"
+    )
     add_budget_flags(p, Budget, DDPM_HELP, "attack budget (the same for every model, so results compare)")
     add_common(p)
 
@@ -135,6 +138,7 @@ def _attack_ddpm(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
             budget=budget_from(args, Budget),
             image_size=args.image_size,
             device=args.device,
+            resume=args.resume,
             progress=not args.quiet,
         )
         print(f"wrote {args.out}/report.md, attack.json, attack_samples.png")
