@@ -77,10 +77,11 @@ def mean_ci95(values: list[float]) -> tuple[float, float | None]:
 def flatten(results: dict[str, dict], budget) -> dict[str, float]:
     """The figures of one attacked model: P(y = c_f) under each attack, relearning's P at 5 and 20 steps
     and its steps to P ≥ 0.5 (the budget's step count + probe spacing when never reached)."""
-    out = {"none_p_forget": results["none"]["p_forget"]}
-    for name in ("inversion", "mixture", "benign"):
-        if name in results:
-            out[f"{name}_p_forget"] = results[name]["p_forget"]
+    out = {
+        f"{name}_p_forget": results[name]["p_forget"]
+        for name in ("none", "inversion", "mixture", "benign")
+        if name in results
+    }
     if "relearn" in results:
         r = results["relearn"]
         for step in ("5", "20"):
@@ -90,6 +91,13 @@ def flatten(results: dict[str, dict], budget) -> dict[str, float]:
         out["relearn_steps"] = steps if steps is not None else budget.relearn_steps + budget.probe_every
         out["relearn_p_forget"] = r["p_forget"]
     return out
+
+
+def bootstrap_halves(results: dict[str, dict]) -> dict[str, float]:
+    """Half-widths of the 95% bootstrap intervals over samples of each attack's P (for a single run)."""
+    return {
+        f"{name}_p_forget": (r["p_forget_ci"][1] - r["p_forget_ci"][0]) / 2 for name, r in results.items()
+    }
 
 
 def find_models(folders: list[str]) -> dict[tuple[str, int], str]:
@@ -198,17 +206,13 @@ def run(
                 )
                 unet = unet.to(device)
             results, _ = attack_unet(unet, classifier, data, FORGET_CLASS, budget=budget, progress=False)
-            record = {
-                "figures": flatten(results, budget),
-                "results": results,
-                "budget": dataclasses.asdict(budget),
-            }
+            record = {"results": results, "budget": dataclasses.asdict(budget)}
             write_json(done, record)
             records.setdefault(label, {})[seed] = record
-            line = ", ".join(f"{k} {v:.3f}" for k, v in record["figures"].items())
+            line = ", ".join(f"{k} {v:.3f}" for k, v in flatten(results, budget).items())
             print(f"robustness  {label} seed {seed}: {line}", flush=True)
     summary = {
-        label: summarise([r["figures"] for r in per_seed.values()]) for label, per_seed in records.items()
+        label: summarise([r["results"] for r in per.values()], budget_kw) for label, per in records.items()
     }
     return {
         "forget_class": FORGET_CLASS,
@@ -222,7 +226,10 @@ def run(
         "models_from": models or "unlearned here",
         "budget": {**Budget(**budget_kw).__dict__, "seed": "= unlearning seed"},
         "summary": summary,
-        "per_seed": {label: {str(s): r["figures"] for s, r in per.items()} for label, per in records.items()},
+        "per_seed": {
+            label: {str(s): flatten(r["results"], Budget(**budget_kw)) for s, r in per.items()}
+            for label, per in records.items()
+        },
         "verdicts": verdicts(summary),
     }
 
@@ -232,12 +239,21 @@ def _order(label: str) -> tuple[int, str]:
     return (known.index(label) if label in known else len(known), label)
 
 
-def summarise(per_seed: list[dict[str, float]]) -> dict[str, dict]:
+def summarise(runs: list[dict[str, dict]], budget_kw: dict) -> dict[str, dict]:
+    """Each figure over the runs (seeds): mean and 95% Student-t half-width; for a single run, the
+    bootstrap half-width over samples where there is one (``interval`` says which)."""
+    from constrained_opt.diffusion.attacks import Budget
+
+    budget = Budget(**budget_kw)
+    figures = [flatten(r, budget) for r in runs]
     out = {}
-    for key in dict.fromkeys(k for r in per_seed for k in r):
-        values = [r[key] for r in per_seed if key in r]
+    for key in dict.fromkeys(k for f in figures for k in f):
+        values = [f[key] for f in figures if key in f]
         mean, half = mean_ci95(values)
-        out[key] = {"mean": mean, "ci95": half, "values": values}
+        interval = "seeds"
+        if half is None and key in (boot := bootstrap_halves(runs[0])):
+            half, interval = boot[key], "bootstrap"
+        out[key] = {"mean": mean, "ci95": half, "interval": half and interval, "values": values}
     return out
 
 
@@ -285,9 +301,17 @@ def markdown(result: dict) -> str:
                 continue
             fmt = "{:.0f}" if key == "relearn_steps" else "{:.3f}"
             half = "" if f["ci95"] is None else " ± " + fmt.format(f["ci95"])
-            cells.append(fmt.format(f["mean"]) + half)
+            cells.append(fmt.format(f["mean"]) + half + (" (b)" if f.get("interval") == "bootstrap" else ""))
         lines.append(f"| {DISPLAY.get(label, label)} | " + " | ".join(cells) + " |")
     lines.append("")
+    base = result["summary"].get("base", {})
+    for key in ("inversion_p_forget", "mixture_p_forget"):
+        if key in base:
+            p = base[key]["mean"]
+            lines.append(
+                f"- Effective where it should be: {dict(FIGURES)[key]} on the unscrubbed model reaches "
+                f"P = {p:.3f} ({'≥' if p >= 0.8 else '<'} 0.8: {'met' if p >= 0.8 else 'NOT met'})."
+            )
     for label, per in result["verdicts"].items():
         text = ", ".join(f"{dict(FIGURES)[k]}: {v}" for k, v in per.items())
         lines.append(f"- {DISPLAY.get(label, label)} against Retrain: {text}.")
