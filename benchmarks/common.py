@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -71,6 +73,39 @@ def denoiser_problem(preset: str, batch: int, device: torch.device, seed: int = 
     return unet, retain, forget
 
 
+def peak_bytes(device: torch.device) -> int:
+    """Peak memory of this process so far: CUDA max allocated, or peak RSS (VmHWM) on CPU (see item 3)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    from .memory import _peak_rss
+
+    return _peak_rss()
+
+
+def peak_of_steps(step: Callable[[], object], device: torch.device, count: int = 2) -> dict:
+    """Run ``step`` ``count`` times (so optimizer state exists) and return this process's peak memory."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(count):
+        step()
+    return {"peak_bytes": peak_bytes(device)}
+
+
+def peak_method(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "cuda max_memory_allocated"
+    return "peak RSS (VmHWM) of a fresh process per mode, glibc mmap threshold fixed"
+
+
+def run_worker(module: str, *args: object) -> dict:
+    """``python -m benchmarks.<module> ARGS`` in a fresh process with glibc's mmap threshold fixed (so
+    peak RSS tracks live bytes, see item 3); returns the JSON of its last line."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    cmd = [sys.executable, "-m", f"benchmarks.{module}", *map(str, args)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def machine() -> dict:
     info = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -79,6 +114,9 @@ def machine() -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # Runnable processes averaged over the last 1, 5 and 15 minutes when the result was written:
+        # above the core count, other work shared the machine and absolute times are inflated.
+        "load_average": list(os.getloadavg()),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

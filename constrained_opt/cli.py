@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 
 from .diffusion.argtypes import COUNT, INDEX, NON_NEGATIVE, POSITIVE, SEED, int_in
+from .diffusion.multiclass import class_list
 
 Runner = Callable[[argparse.Namespace], None]
 Builder = Callable[[argparse.ArgumentParser], Runner]
@@ -242,7 +243,17 @@ def _unlearn_ddpm(p: argparse.ArgumentParser) -> Runner:
     from .diffusion.baselines import METHODS
 
     p.add_argument("--method", required=True, choices=tuple(METHODS))
-    p.add_argument("--forget-class", type=INDEX, required=True, help="class index to forget")
+    p.add_argument(
+        "--forget-class",
+        type=class_list,
+        required=True,
+        help="class index to forget, or several separated by commas (e.g. 0,3): the union is forgotten",
+    )
+    p.add_argument(
+        "--per-class-constraints",
+        action="store_true",
+        help="erasediff with several forget classes: one constraint per class instead of one pooled",
+    )
     p.add_argument("--data", default="digits", help="digits | cifar10:PATH | imagefolder:PATH")
     p.add_argument("--checkpoint", help="base UNet checkpoint (default for digits: the shipped one)")
     p.add_argument(
@@ -270,8 +281,19 @@ def _unlearn_ddpm(p: argparse.ArgumentParser) -> Runner:
     def run(args: argparse.Namespace) -> None:
         from .diffusion.baselines import parse_hparams
         from .diffusion.ddpm import UnlearnJob, unlearn_ddpm
+        from .diffusion.errors import UsageError
         from .diffusion.models import SHIPPED_CLASSIFIER, SHIPPED_UNET
 
+        classes = args.forget_class
+        forget_class = classes[0] if len(classes) == 1 else classes
+        method = args.method
+        if args.per_class_constraints:
+            if args.method != "erasediff" or len(classes) < 2:
+                raise UsageError(
+                    "--per-class-constraints needs --method erasediff and at least two forget classes "
+                    f"(got --method {args.method} --forget-class {','.join(map(str, classes))})"
+                )
+            method = "erasediff_per_class"
         pairs = [*args.hp, *([f"forget_target={args.forget_target}"] if args.forget_target else [])]
         hparams = parse_hparams(args.method, pairs)
         checkpoint = _digits_default(args, "checkpoint", SHIPPED_UNET, "the base model")
@@ -281,8 +303,8 @@ def _unlearn_ddpm(p: argparse.ArgumentParser) -> Runner:
             else (_digits_default(args, "classifier", SHIPPED_CLASSIFIER, "the evaluation classifier"))
         )
         batch_size = args.batch_size or (64 if args.data == "digits" else 128)
-        out = args.out or f"runs/unlearn-{args.method}-c{args.forget_class}"
-        job = UnlearnJob(args.method, args.forget_class, args.steps, batch_size, args.lr, args.seed, hparams)
+        out = args.out or f"runs/unlearn-{method}-c{'-'.join(map(str, classes))}"
+        job = UnlearnJob(method, forget_class, args.steps, batch_size, args.lr, args.seed, hparams)
         record = unlearn_ddpm(
             args.data,
             checkpoint,

@@ -133,7 +133,8 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
 
 def _split(geometry: Geometry, weights: Tensor) -> Combination:
     """Weights of the full Gram's rows (constraints first, retain last) as a Combination."""
-    return Combination(weights[-1], weights[:-1], _nan(weights[:-1]))
+    constraint = weights[:-1].reshape(geometry.gr.shape)  # 0-dim for one constraint row
+    return Combination(weights[-1], constraint, _nan(constraint))
 
 
 def pcgrad(geometry: Geometry) -> Combination:

@@ -72,6 +72,55 @@ def test_sa_budget_smoke_measures_both_methods_in_one_run(tmp_path):
     assert "## 4b. Selective Amnesia at its published budget" in text and "| sa | 4 | 2 |" in text
 
 
+def test_issue13_items_smoke(tmp_path):
+    """Issue 13's benchmark items in one run: m constraints against their floor, the torchjd and cooper
+    comparisons, the authors' step transcription (which must compute our update) and two digits
+    forgotten at once."""
+    items = ["multi_constraint", "torchjd_compare", "cooper_compare", "authors_step", "ddpm_multiclass"]
+    cmd = [sys.executable, "-m", "benchmarks", "--only", *items, "--smoke", "--out", str(tmp_path)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    multi = json.loads((tmp_path / "multi_constraint.json").read_text())
+    assert {(r["rule"], r["m"]) for r in multi["steps"]} == {
+        (k, m) for k in ("grad_norm", "value") for m in (1, 2)
+    }
+    assert all(math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in multi["steps"])
+    assert [r["m"] for r in multi["gram"]] == [1, 2] and all(r["gram_over_copy"] > 0 for r in multi["gram"])
+    jd = json.loads((tmp_path / "torchjd_compare.json").read_text())
+    row = jd["rows"][0]
+    assert (
+        row["m"] == 3 and row["update_difference"] < 1e-3
+    )  # one aggregation, up to torchjd's regularisation
+    assert all(math.isfinite(t) and t > 0 for t in row["time_over_ours"].values())
+    coop = json.loads((tmp_path / "cooper_compare.json").read_text())
+    assert len(coop["table"]) == 5 and any(name.startswith("ours") for name in coop["table"])
+    assert all(0 <= row["at_equal_passes"]["train_violation"] < 1 for row in coop["table"].values())
+    authors = json.loads((tmp_path / "authors_step.json").read_text())
+    for pair in authors["pairs"].values():
+        assert pair["relative_update_difference"] < 1e-4  # same math, fp32 rounding only
+        assert pair["time_median"] > 0 and math.isfinite(pair["time_fastest"])
+    assert set(authors["pairs"]) == {"authors_k1_over_ours_k1"}  # smoke: the K = 1 pair, no memory workers
+    ddpm = json.loads((tmp_path / "ddpm_multiclass.json").read_text())
+    assert set(ddpm["runs"]) == {"base", "pooled", "per-class"}
+    for run in ddpm["runs"]["per-class"]:
+        assert {"lam_class_0", "lam_class_3"} <= run["mean_lams"].keys()
+        low, high = run["ci"]["p_forget_c3"]
+        assert 0 <= low <= run["p_forget_c3"] <= high <= 1
+
+    from benchmarks.report import write_docs
+
+    text = Path(write_docs(str(tmp_path), docs_dir=str(tmp_path / "docs"), include_smoke=True)).read_text()
+    headings = (
+        "6. multi_constraint",
+        "7. torchjd_compare",
+        "8. cooper_compare",
+        "9. authors_step",
+        "10. ddpm",
+    )
+    for heading in headings:
+        assert f"## {heading}" in text
+    assert "| authors_k1 vs ours_k1 |" in text and (tmp_path / "docs" / "img" / "cooper_compare.png").exists()
+
+
 def test_robustness_smoke_attacks_every_model_and_renders_the_table(tmp_path):
     cmd = [sys.executable, "-m", "benchmarks", "--only", "robustness", "--smoke", "--out", str(tmp_path)]
     subprocess.run(

@@ -30,15 +30,19 @@ pytestmark = pytest.mark.skipif(
 WORLD = 2
 STEPS = 3
 LR, INNER_LR, ETA = 0.05, 0.3, 0.5
-# name -> (model kind, inner_steps)
+# name -> (model kind, inner_steps, number of constraints m)
 SCENARIOS = {
-    "ddp_k0": ("seq", 0),
-    "ddp_k2": ("seq", 2),
-    "ddp_bucket_view_k2": ("net", 2),
-    "accelerate_k2": ("seq", 2),
-    "fsdp_k0": ("net", 0),
-    "fsdp_k2": ("net", 2),
+    "ddp_k0": ("seq", 0, 1),
+    "ddp_k2": ("seq", 2, 1),
+    "ddp_bucket_view_k2": ("net", 2, 1),
+    "ddp_m2_k2": ("seq", 2, 2),
+    "accelerate_k2": ("seq", 2, 1),
+    "fsdp_k0": ("net", 0, 1),
+    "fsdp_k2": ("net", 2, 1),
+    "fsdp_m2_k2": ("net", 2, 2),
 }
+# The m constraints pull the output towards different targets, so their gradients are not parallel.
+TARGETS = (1.0, -0.5)
 
 
 class Net(nn.Module):
@@ -72,21 +76,26 @@ def batch(kind, index, rank):
     return torch.randn(4, 3, generator=g)
 
 
-def train(model, module, K, ranks):
-    """Run STEPS steps; each closure call draws the next batch of every rank in ``ranks`` (concatenated)."""
+def train(model, module, K, ranks, m=1):
+    """Run STEPS steps; each closure call draws the next batch of every rank in ``ranks`` (concatenated).
+    With m > 1 there is one forget closure per target in ``TARGETS[:m]``, each with its own batches."""
     opt = ValueFunctionBilevelOptimizer(
         module.parameters(), torch.optim.Adam, lr=LR, inner_steps=K, inner_lr=INNER_LR, rule="value", eta=ETA
     )
-    calls, stats = {"forget": 0}, []
+    calls, stats = [0] * m, []
+
+    def forget(i):
+        def closure():
+            x = torch.cat([batch("forget", 1000 * i + calls[i], r) for r in ranks])
+            calls[i] += 1
+            return (model(x, retain=False) - TARGETS[i]).pow(2).mean()
+
+        return closure
+
     for step in range(STEPS):
         xr = torch.cat([batch("retain", step, r) for r in ranks])
-
-        def forget():
-            x = torch.cat([batch("forget", calls["forget"], r) for r in ranks])
-            calls["forget"] += 1
-            return (model(x, retain=False) - 1).pow(2).mean()
-
-        stats.append(opt.step(lambda xr=xr: model(xr).pow(2).mean(), forget).as_dict())
+        constraints = forget(0) if m == 1 else [forget(i) for i in range(m)]
+        stats.append(opt.step(lambda xr=xr: model(xr).pow(2).mean(), constraints).as_dict())
     return stats
 
 
@@ -100,14 +109,14 @@ def _worker(rank, store, out):
     os.environ["OMP_NUM_THREADS"] = "1"  # accelerate reads it (and the four above) on CPU
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     results = {}
-    for name, (kind, K) in SCENARIOS.items():
+    for name, (kind, K, m) in SCENARIOS.items():
         model = make_model(kind)
         if name.startswith("ddp"):
             bucket_view = name == "ddp_bucket_view_k2"
             wrapped = nn.parallel.DistributedDataParallel(
                 model, gradient_as_bucket_view=bucket_view, find_unused_parameters=kind == "net"
             )
-            stats = train(wrapped, model, K, [rank])
+            stats = train(wrapped, model, K, [rank], m)
         elif name.startswith("accelerate"):
             from accelerate import Accelerator
 
@@ -130,7 +139,7 @@ def _worker(rank, store, out):
             mesh = init_device_mesh("cpu", (WORLD,))
             fully_shard(model.body[0], mesh=mesh)
             fully_shard(model, mesh=mesh, reshard_after_forward=True)
-            stats = train(model, model, K, [rank])
+            stats = train(model, model, K, [rank], m)
         params = {
             n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
             for n, p in model.named_parameters()
@@ -162,9 +171,9 @@ def ranks(tmp_path_factory):
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_ranks_agree_and_match_single_process(ranks, name):
-    kind, K = SCENARIOS[name]
+    kind, K, m = SCENARIOS[name]
     model = make_model(kind)
-    expected = train(model, model, K, list(range(WORLD)))
+    expected = train(model, model, K, list(range(WORLD)), m)
     first, second = ranks[0][name], ranks[1][name]
     for n, p in model.named_parameters():
         assert torch.equal(first["params"][n], second["params"][n]), f"ranks differ on {n}"
@@ -174,13 +183,19 @@ def test_ranks_agree_and_match_single_process(ranks, name):
         # the buffers hold the averaged gradients (norms, dot) and the losses are averaged (g, λ)
         for key in ("g_value", "lam", "retain_loss", "retain_grad_norm", "forget_grad_norm", "grad_dot"):
             assert got_rank0[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+        assert got_rank0["lams"] == got_rank1["lams"]
+        for key in ("lams", "g_values", "forget_grad_norms", "grad_dots"):
+            assert got_rank0[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+    if m > 1:  # the constraints must be genuinely distinct problems for the scenario to test anything
+        assert any(len(set(s["lams"])) > 1 for s in expected)
     if K > 0:
         assert all(s["g_value"] != 0 for s in expected)
 
 
 def test_accelerated_optimizer_cannot_take_two_closures(ranks):
-    """accelerate's AcceleratedOptimizer.step(closure=None) forwards one closure: the documented
-    pattern is to prepare the model (and data) only and build the optimizer on the prepared model."""
+    """accelerate's AcceleratedOptimizer.step(closure=None) forwards one argument, so the two-argument
+    form cannot pass through a prepared optimizer; the one-argument ``Closures`` form does
+    (tests/test_sd_accelerate.py)."""
     assert "positional argument" in ranks[0]["accelerated_optimizer_error"]
 
 

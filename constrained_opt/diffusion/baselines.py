@@ -47,6 +47,7 @@ from .losses import (
     unet_eps,
 )
 from .metrics import PeakMemory
+from .multiclass import as_classes, class_rows, forget_sampler, is_forgotten
 from .resume import check_resume, restoring, run_config
 from .sampling import make_scheduler, sample
 
@@ -57,7 +58,7 @@ class Setup:
 
     unet: Any
     num_classes: int
-    forget_class: int
+    forget_class: int | tuple[int, ...]
     lr: float
     generator: torch.Generator
     scheduler: Any = field(default_factory=make_scheduler)
@@ -181,10 +182,38 @@ class EraseDiff(Method):
     def step(self, retain, forget):
         br, bf = self.diffuse(retain), self.diffuse(forget)
         target = forget_target(self.eps, bf, self.hp.forget_target, self.s.num_classes, self.s.generator)
-        stats = self.optimizer.step(
-            lambda: denoising_loss(self.eps, br), lambda: forget_loss(self.eps, bf, target)
-        )
+        stats = self.optimizer.step(lambda: denoising_loss(self.eps, br), self.constraints(bf, target))
+        return self.record(stats)
+
+    def record(self, stats) -> dict[str, float]:
         return {k: v for k, v in stats.as_dict().items() if isinstance(v, float)}
+
+    def constraints(self, bf, target):
+        """One constraint on the whole (pooled) forget batch."""
+        return lambda: forget_loss(self.eps, bf, target)
+
+
+class EraseDiffPerClass(EraseDiff):
+    """EraseDiff with one constraint per forget class (``--per-class-constraints``): each class's rows of
+    the stratified forget batch form their own closure, ``{"class_<c>": L_f(θ; rows of c)}``."""
+
+    name = "erasediff_per_class"
+
+    def constraints(self, bf, target):
+        def closure(rows):
+            part = type(bf)(*(field[rows] for field in bf))
+            return lambda: forget_loss(self.eps, part, target[rows])
+
+        return {
+            name: closure(rows) for name, rows in class_rows(bf.cond, as_classes(self.s.forget_class)).items()
+        }
+
+    def record(self, stats):
+        """The pooled figures, plus each class's λ and forget loss (``lam_class_<c>``, ...)."""
+        out = super().record(stats)
+        for name, lam, loss in zip(stats.constraint_names, stats.lams, stats.forget_losses, strict=True):
+            out[f"lam_{name}"], out[f"forget_loss_{name}"] = lam, loss
+        return out
 
 
 @dataclass
@@ -298,7 +327,7 @@ class SelectiveAmnesia(Method):
         labels = torch.arange(self.s.num_classes).repeat_interleave(n)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.s.generator))
         images = sample(self.s.unet, labels, seed=seed, desc="SA replay set", progress=self.s.progress)
-        keep = labels != self.s.forget_class
+        keep = ~is_forgotten(labels, self.s.forget_class)
         self.replay = ImageData(images[keep], labels[keep], self.s.num_classes, "sa-replay")
         self.fisher = denoising_fisher(
             self.s.unet,
@@ -357,11 +386,20 @@ def parse_hparams(method: str, pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+# Variants chosen by a flag rather than by --method (they take the hyperparameters of the method named).
+VARIANTS: dict[str, type[Method]] = {EraseDiffPerClass.name: EraseDiffPerClass}
+
+
+def method_class(name: str) -> type[Method]:
+    """The class of method (or variant) ``name``; unknown names raise :class:`UsageError`."""
+    if name not in METHODS and name not in VARIANTS:
+        raise UsageError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
+    return METHODS.get(name) or VARIANTS[name]
+
+
 def make_method(name: str, setup: Setup, hparams: dict[str, Any]) -> Method:
     """Instantiate method ``name``; unknown names and invalid values raise :class:`UsageError`."""
-    if name not in METHODS:
-        raise UsageError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
-    return METHODS[name](setup, **hparams)
+    return method_class(name)(setup, **hparams)
 
 
 @dataclass
@@ -379,7 +417,7 @@ def unlearn(
     unet,
     retain: ImageData,
     forget: ImageData,
-    forget_class: int,
+    forget_class: int | tuple[int, ...],
     *,
     steps: int,
     batch_size: int,
@@ -422,7 +460,7 @@ def unlearn(
     )
     samplers = {
         "retain": BatchSampler(retain, batch_size, seed),
-        "forget": BatchSampler(forget, batch_size, seed + 1),
+        "forget": forget_sampler(forget, forget_class, batch_size, seed + 1),
     }
     start, history, probes, elapsed, prep_s, peak = 0, [], [], 0.0, 0.0, 0.0
 

@@ -18,11 +18,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from .baselines import BASELINES, METHODS, UnlearnResult, parse_hparams, unlearn
+from .baselines import BASELINES, METHODS, UnlearnResult, method_class, parse_hparams, unlearn
 from .data import ImageData, check_class, load_data, split_forget
 from .errors import EvaluationError, UsageError
 from .io import load_state, read_json, save_state, write_json, write_text
-from .metrics import evaluate_generated
 from .models import (
     SHIPPED_CLASSIFIER,
     SHIPPED_UNET,
@@ -35,6 +34,7 @@ from .models import (
     save_classifier,
     save_unet,
 )
+from .multiclass import check_classes, evaluate_classes, is_forgotten, split_forget_classes
 from .report import DISPLAY, metrics_table, save_cosine_plot, save_sample_grid, write_report
 from .resume import check_resume, run_config
 from .sampling import NUM_TRAIN_TIMESTEPS, SAMPLERS, sample
@@ -216,7 +216,7 @@ def evaluate_unet(
     unet,
     classifier,
     data: ImageData,
-    forget_class: int,
+    forget_class: int | tuple[int, ...],
     es: EvalSettings,
     desc: str,
     inception: str | None = None,
@@ -228,9 +228,9 @@ def evaluate_unet(
     failed row in the report) instead of stopping the job.
     """
     images, labels = generate(unet, data.num_classes, es, desc, progress)
-    real = data.images[data.labels != forget_class]
+    real = data.images[~is_forgotten(data.labels, forget_class)]
     try:
-        metrics = evaluate_generated(classifier, images, labels, real, forget_class, inception)
+        metrics = evaluate_classes(classifier, images, labels, real, forget_class, inception)
     except EvaluationError as e:
         print(f"{desc}: evaluation failed: {e}", flush=True)
         metrics = {"failed": str(e)}
@@ -251,10 +251,11 @@ def cache_dir(override: str | None = None) -> str:
 # ------------------------------------------------------------------------------------------- unlearn ddpm
 @dataclass
 class UnlearnJob:
-    """One ``unlearn ddpm`` run (also the unit of work inside ``demo``)."""
+    """One ``unlearn ddpm`` run (also the unit of work inside ``demo``); several forget classes are
+    forgotten together (:mod:`~constrained_opt.diffusion.multiclass`)."""
 
     method: str
-    forget_class: int
+    forget_class: int | tuple[int, ...]
     steps: int = 300
     batch_size: int = 64
     lr: float = 1e-4
@@ -263,7 +264,7 @@ class UnlearnJob:
 
     def resolved_hparams(self) -> dict:
         """Every hyperparameter the method runs with: the overrides and the defaults."""
-        return asdict(METHODS[self.method].Hyper(**(self.hparams or {})))
+        return asdict(method_class(self.method).Hyper(**(self.hparams or {})))
 
     def config(self, **inputs) -> dict:
         """The run's configuration as ``--resume`` compares it (see :mod:`.resume`)."""
@@ -338,9 +339,9 @@ def unlearn_ddpm(
     check_output_dir(out)
     dev = resolve_device(device)
     data = load_data(data_spec, image_size)
-    check_class(job.forget_class, data.num_classes)
+    check_classes(job.forget_class, data.num_classes)
     unet, clf, base_provenance = load_checked(data, checkpoint, classifier, dev)
-    retain, forget = split_forget(data, job.forget_class)
+    retain, forget = split_forget_classes(data, job.forget_class)
     state_path = os.path.join(out, "checkpoint.safetensors")
     os.makedirs(out, exist_ok=True)
     inputs = {"data": data_spec, "base": _file_digest(checkpoint)}

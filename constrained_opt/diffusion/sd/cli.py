@@ -14,7 +14,7 @@ from collections.abc import Callable
 from ..argtypes import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, int_in
 from ..errors import UsageError
 from .params import PARAM_SETS
-from .prompts import CONCEPTS, imagenette_classes
+from .prompts import imagenette_classes
 from .train import DEFAULT_BATCH, METHODS, MIXED_PRECISION, OPTIMIZERS, TRAIN_PARAMS
 
 Runner = Callable[[argparse.Namespace], None]
@@ -32,9 +32,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 def register(command, unlearn_target, add_common: AddCommon) -> None:
     """Register the SD commands with ``constrained_opt.cli``'s ``command``/``unlearn_target`` decorators;
     ``add_common`` adds the CLI's shared ``--device``/``--quiet`` flags."""
-    unlearn_target(
-        "sd", "concept (nudity) or Imagenette-class unlearning of Stable Diffusion 1.x/2.x and SDXL"
-    )(functools.partial(_unlearn_sd, add_common=add_common))
+    unlearn_target("sd", "concept(s) or Imagenette-class unlearning of Stable Diffusion 1.x/2.x and SDXL")(
+        functools.partial(_unlearn_sd, add_common=add_common)
+    )
     command(
         "sd", "Stable Diffusion evaluation: generate from a prompt CSV, NudeNet counts, UA, CLIP score, FID"
     )(functools.partial(_sd, add_common=add_common))
@@ -43,10 +43,16 @@ def register(command, unlearn_target, add_common: AddCommon) -> None:
 def _unlearn_sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
     _add_model(p)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--concept", choices=CONCEPTS, help="forget prompts {nudity, naked, erotic, sexual}")
+    what.add_argument(
+        "--concept",
+        action="append",
+        help="nudity (forget prompts {nudity, naked, erotic, sexual}) or the text of any concept; repeat "
+        "for several, one constraint each (e.g. --concept nudity --concept 'van gogh')",
+    )
     what.add_argument(
         "--forget-class",
-        help=f"Imagenette class, prompt 'an image of [c]': {', '.join(imagenette_classes())}",
+        action="append",
+        help=f"Imagenette class, prompt 'an image of [c]', repeatable: {', '.join(imagenette_classes())}",
     )
     p.add_argument("--method", choices=METHODS, default="erasediff")
     p.add_argument(

@@ -5,19 +5,27 @@
   its main nudity run used 'a photo of pokemon', pass ``--anchor`` for that).
 - Imagenette class c: forget prompt 'an image of c'; retain prompts 'an image of c′' for the nine other
   classes, which are also the default anchors (one c_m ≠ c_f drawn per sample, as for DDPM).
+- Any other concept (``--concept "van gogh"``): the text itself is the forget prompt; the retain set
+  and the default anchor are the empty prompt, so ε_f = ε_θ(x_t | "") is the unconditional prediction.
+
+Several concepts (or classes) at once make one task whose ``groups`` hold each one's forget prompts:
+EraseDiff keeps one constraint per group. Retain prompts and anchors are the union of theirs (for
+classes: the classes not forgotten), without any forget prompt.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from ..errors import UsageError
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
-CONCEPTS = ("nudity",)
+CONCEPTS = ("nudity",)  # concepts with a shipped prompt set; any other text is a free-text concept
 CLOTHED = "a person wearing clothes"
+UNCONDITIONAL = ""
 
 
 def nudity_prompts() -> list[str]:
@@ -46,26 +54,77 @@ def canonical_class(name: str) -> str:
 
 @dataclass(frozen=True)
 class Task:
-    """What to forget: the prompts of D_f, of D_r, and the anchors c_m for ε_f."""
+    """What to forget: the prompts of D_f, of D_r, and the anchors c_m for ε_f. ``groups``: for several
+    concepts or classes, each one's forget prompts (one constraint each), named by ``group_names``."""
 
     name: str
     forget: tuple[str, ...]
     retain: tuple[str, ...]
     anchors: tuple[str, ...]
     forget_class: str | None = None
+    groups: tuple[tuple[str, ...], ...] = ()
+    group_names: tuple[str, ...] = ()
+
+    def generation_prompts(self) -> tuple[str, ...]:
+        """The forget set's prompt cycle (sample i uses entry i mod its length): the groups in turn,
+        each cycling through its own prompts, so every group gets 1/len(groups) of the samples."""
+        if not self.groups:
+            return self.forget
+        longest = max(len(g) for g in self.groups)
+        return tuple(g[j % len(g)] for j in range(longest) for g in self.groups)
 
 
-def make_task(concept: str | None, forget_class: str | None, anchors: list[str] | None = None) -> Task:
-    """The task for ``--concept`` xor ``--forget-class``; ``anchors`` overrides the default c_m."""
-    if (concept is None) == (forget_class is None):
-        raise UsageError("give exactly one of --concept or --forget-class")
+def _as_list(value: str | Sequence[str] | None) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def make_task(
+    concept: str | Sequence[str] | None,
+    forget_class: str | Sequence[str] | None,
+    anchors: list[str] | None = None,
+) -> Task:
+    """The task for ``--concept`` xor ``--forget-class`` (each repeatable); ``anchors`` overrides the
+    default c_m."""
+    concepts, classes = _as_list(concept), _as_list(forget_class)
+    if bool(concepts) == bool(classes):
+        raise UsageError("give exactly one of --concept or --forget-class (either may be repeated)")
     if anchors is not None and not [a for a in anchors if a.strip()]:
         raise UsageError("--anchor must be a non-empty prompt")
-    if concept is not None:
-        if concept not in CONCEPTS:
-            raise UsageError(f"unknown concept {concept!r}; expected one of {', '.join(CONCEPTS)}")
-        forget, retain = tuple(nudity_prompts()), (CLOTHED,)
-        return Task(concept, forget, retain, tuple(anchors or retain))
-    name = canonical_class(forget_class)
+    if any(not c.strip() for c in concepts):
+        raise UsageError("--concept must be a non-empty concept (nudity, or the text of a concept)")
+    parts = [_concept_task(c) for c in concepts] or [_class_task(canonical_class(c)) for c in classes]
+    if len({p.name for p in parts}) < len(parts):
+        raise UsageError(f"a concept or class is given twice: {', '.join(concepts or classes)}")
+    if len(parts) == 1:
+        task = parts[0]
+        return replace(task, anchors=tuple(anchors or task.anchors))
+    forget = tuple(dict.fromkeys(p for part in parts for p in part.forget))
+    if classes:
+        names = {p.forget_class for p in parts}
+        retain = tuple(class_prompt(c) for c in imagenette_classes() if c not in names)
+    else:
+        retain = tuple(p for p in dict.fromkeys(p for part in parts for p in part.retain) if p not in forget)
+    default_anchors = (
+        retain
+        if classes
+        else tuple(a for a in dict.fromkeys(a for part in parts for a in part.anchors) if a not in forget)
+    )
+    return Task(
+        " + ".join(p.name for p in parts),
+        forget,
+        retain or (UNCONDITIONAL,),
+        tuple(anchors or default_anchors or (UNCONDITIONAL,)),
+        groups=tuple(p.forget for p in parts),
+        group_names=tuple(p.name for p in parts),
+    )
+
+
+def _concept_task(concept: str) -> Task:
+    if concept in CONCEPTS:
+        return Task(concept, tuple(nudity_prompts()), (CLOTHED,), (CLOTHED,))
+    return Task(concept, (concept,), (UNCONDITIONAL,), (UNCONDITIONAL,))
+
+
+def _class_task(name: str) -> Task:
     others = tuple(class_prompt(c) for c in imagenette_classes() if c != name)
-    return Task(name, (class_prompt(name),), others, tuple(anchors or others), forget_class=name)
+    return Task(name, (class_prompt(name),), others, others, forget_class=name)

@@ -41,6 +41,7 @@ from ..errors import UsageError
 from ..io import atomic_path, write_json
 from ..losses import denoising_loss, forget_loss, saliency_mask
 from ..metrics import PeakMemory
+from ..multiclass import StratifiedSampler
 from .latents import SetSpec, fingerprint, generate_set, load_set
 from .loading import load_pipeline
 from .lora import is_lora_parameter
@@ -109,6 +110,12 @@ class SDJob:
         inner_lr = lr."""
         self.validate()
         batch = self.batch_size or DEFAULT_BATCH[self.method]
+        groups = len(self.task.groups)
+        if groups and self.method != "esd" and min(batch, self.num_forget) < groups:
+            raise UsageError(
+                f"{groups} concepts need --batch-size and --num-forget of at least {groups} "
+                "(every forget batch holds every concept)"
+            )
         steps = self.steps or (ESD_STEPS if self.method == "esd" else math.ceil(5 * self.num_forget / batch))
         inner_lr = self.lr if self.inner_lr is None else self.inner_lr
         alpha = float(self.lora_rank) if self.lora_alpha is None else self.lora_alpha
@@ -263,23 +270,44 @@ class EraseDiffSD:
     def step(self, retain: BatchSampler, forget: BatchSampler) -> dict[str, float]:
         """One update through accelerate's prepared optimizer: ``opt.step(Closures(retain, forget))``. With
         gradient accumulation each closure is ``MicroBatches`` over that many micro-batches, fixed for
-        the step (the inner loop evaluates the forget loss at θ and φ^k on the same data)."""
+        the step (the inner loop evaluates the forget loss at θ and φ^k on the same data). With several
+        concepts the forget closures are ``{concept: L_f on its rows of the stratified batch}``, one
+        constraint each."""
         from constrained_opt import Closures, MicroBatches
 
         ctx, n = self.ctx, self.ctx.job.gradient_accumulation_steps
-        retain_parts, forget_parts = [], []
+        task = ctx.job.task
+        retain_parts, forget_parts = [], {}
         for _ in range(n):
             br, bf = ctx.batch(retain), ctx.batch(forget)
             target = ctx.anchor_target(bf)
             retain_parts.append(lambda br=br: denoising_loss(ctx.eps, br))
-            forget_parts.append(lambda bf=bf, y=target: forget_loss(ctx.eps, bf, y))
-        if n == 1:
-            closures = Closures(retain_parts[0], forget_parts[0])
-        else:
-            closures = Closures(MicroBatches(retain_parts), MicroBatches(forget_parts))
-        self.optimizer.step(closures)
+            for name, (b, y) in self.per_concept(bf, target).items():
+                forget_parts.setdefault(name, []).append(lambda b=b, y=y: forget_loss(ctx.eps, b, y))
+
+        def closure(parts):
+            return parts[0] if n == 1 else MicroBatches(parts)
+
+        constraints = {k: closure(v) for k, v in forget_parts.items()}
+        self.optimizer.step(Closures(closure(retain_parts), constraints if task.groups else constraints[""]))
         stats = self.optimizer.optimizer.last_stats
-        return {k: v for k, v in stats.as_dict().items() if isinstance(v, float | bool)}
+        out = {k: v for k, v in stats.as_dict().items() if isinstance(v, float | bool)}
+        if task.groups:
+            for name, lam, loss in zip(stats.constraint_names, stats.lams, stats.forget_losses, strict=True):
+                out[f"lam[{name}]"], out[f"forget_loss[{name}]"] = lam, loss
+        return out
+
+    def per_concept(self, bf, target) -> dict[str, tuple]:
+        """``{"": (bf, target)}``, or each concept's rows of the forget batch (its cond holds prompt rows)."""
+        task, ids = self.ctx.job.task, self.ctx.table.ids
+        if not task.groups:
+            return {"": (bf, target)}
+        out = {}
+        for name, group in zip(task.group_names, task.groups, strict=True):
+            rows = torch.isin(bf.cond, torch.tensor([ids[p] for p in group], device=bf.cond.device))
+            rows = rows.nonzero().squeeze(1)
+            out[name] = (type(bf)(*(field[rows] for field in bf)), target[rows])
+        return out
 
 
 class SalUnSD:
@@ -513,7 +541,7 @@ def unlearn_sd(job: SDJob) -> dict:
     data: dict[str, ImageData] = {}
     set_dirs: dict[str, str] = {}
     sets = {
-        "forget": (list(task.forget), job.num_forget, 0),
+        "forget": (list(task.generation_prompts()), job.num_forget, 0),
         "retain": (list(task.retain), job.num_retain, 1),
     }
     if job.method != "esd":
@@ -577,6 +605,12 @@ def unlearn_sd(job: SDJob) -> dict:
         k: BatchSampler(d, job.batch_size, job.seed + 2 * state.process_index + i)
         for i, (k, d) in enumerate(data.items())
     }
+    if task.groups and "forget" in data:  # every forget batch holds every concept
+        parts = [
+            data["forget"].subset(torch.isin(data["forget"].labels, torch.tensor([table.ids[p] for p in g])))
+            for g in task.groups
+        ]
+        samplers["forget"] = StratifiedSampler(parts, job.batch_size, job.seed + 2 * state.process_index + 1)
     history: list[dict[str, float]] = []
     meter = PeakMemory(device)
     with meter:
@@ -614,6 +648,7 @@ def unlearn_sd(job: SDJob) -> dict:
         "forget_prompts": list(task.forget),
         "retain_prompts": list(task.retain),
         "anchors": list(task.anchors),
+        "constraints": {name: list(g) for name, g in zip(task.group_names, task.groups, strict=True)},
         "trained_parameters": sum(p.numel() for p in ctx.params),
         "total_parameters": sum(p.numel() for n, p in unet.named_parameters() if not is_lora_parameter(n)),
         "time_s": time_s,
