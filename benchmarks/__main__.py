@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         meta = {"device": str(device), "smoke": args.smoke, "command": command}
         path = write_result(item + suffix, {**meta, **payload}, args.out)
         print(f"wrote {path}")
-        if hasattr(module, "update_doc") and not (args.smoke or args.no_docs):
-            module.update_doc(payload, command)  # docs/robustness.md
+        if hasattr(module, "update_doc") and not args.smoke:
+            module.update_doc(payload, command)  # its own page (docs/robustness.md), not benchmarks.md
     if not (args.smoke or args.no_docs):
         from .report import write_docs
 
