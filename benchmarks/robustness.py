@@ -231,7 +231,18 @@ def run(
             for label, per in records.items()
         },
         "verdicts": verdicts(summary),
+        "attack_time_s": attack_times([r["results"] for per in records.values() for r in per.values()]),
     }
+
+
+def attack_times(runs: list[dict[str, dict]]) -> dict[str, dict[str, float]]:
+    """Wall time of each attack over all runs (median, min, max): the machine may be shared."""
+    out = {}
+    for name in ("inversion", "mixture", "relearn", "benign"):
+        times = sorted(r[name]["time_s"] for r in runs if name in r)
+        if times:
+            out[name] = {"median": statistics.median(times), "min": times[0], "max": times[-1]}
+    return out
 
 
 def _order(label: str) -> tuple[int, str]:
