@@ -51,11 +51,13 @@ FIGURES = (
     ("none_p_forget", "no attack"),
     ("inversion_p_forget", "inversion"),
     ("mixture_p_forget", "mixture"),
-    ("relearn_p_forget_5", "relearn @5"),
-    ("relearn_p_forget_20", "relearn @20"),
-    ("relearn_steps", "relearn steps to P ≥ 0.5"),
-    ("benign_p_forget", "benign FT @end"),
+    ("relearn_p_forget_20", "relearn, P after 20 steps"),
+    ("relearn_steps", "relearn, steps to P ≥ 0.5"),
+    ("benign_p_forget", "benign fine-tuning"),
 )
+# Noise floor of a verdict: a gap smaller than this is not called, whatever the intervals (P: about the
+# bootstrap half-width of one run's P near 0.05 with 100 samples; steps: the probe spacing).
+MIN_GAP = {"p": 0.05, "steps": 5}
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "robustness.md")
 BEGIN, END = "<!-- robustness:begin -->", "<!-- robustness:end -->"
 
@@ -231,6 +233,7 @@ def run(
             for label, per in records.items()
         },
         "verdicts": verdicts(summary),
+        "pair_verdicts": pair_verdicts(summary),
         "attack_time_s": attack_times([r["results"] for per in records.values() for r in per.values()]),
     }
 
@@ -268,25 +271,39 @@ def summarise(runs: list[dict[str, dict]], budget_kw: dict) -> dict[str, dict]:
     return out
 
 
-def verdicts(summary: dict[str, dict]) -> dict[str, dict[str, str]]:
-    """Per method and attack, against Retrain (or the base model without one): ``shallow`` when the
-    attacked P's 95% interval lies above Retrain's (for relearning: fewer steps, below), ``deeper``
-    when it lies below (more steps), else ``not distinguishable``."""
-    ref = summary.get("retrain")
-    if ref is None:
+PAIRS = (("moo", "erasediff"), ("erasediff_value", "erasediff"))  # (model, reference) tied on plain P
+
+
+def pair_verdicts(summary: dict[str, dict]) -> dict[str, dict[str, str]]:
+    """The same verdicts between methods that tie without attack (:data:`PAIRS`): "a vs b"."""
+    return {
+        f"{a} vs {b}": verdicts({a: summary[a], b: summary[b]}, ref=b)[a]
+        for a, b in PAIRS
+        if a in summary and b in summary
+    }
+
+
+def verdicts(summary: dict[str, dict], ref: str = "retrain") -> dict[str, dict[str, str]]:
+    """Per method and attack, against Retrain: ``shallow`` when the attacked P's 95% interval lies above
+    Retrain's and the means differ by at least the noise floor :data:`MIN_GAP` (for the relearning step
+    count: fewer steps), ``deeper`` when below (more steps), else ``not distinguishable``."""
+    reference = summary.get(ref)
+    if reference is None:
         return {}
     out = {}
     for label, figures in summary.items():
-        if label in ("base", "retrain"):
+        if label in ("base", ref):
             continue
         out[label] = {}
         for key, _ in FIGURES[1:]:
-            if key not in figures or key not in ref:
+            if key not in figures or key not in reference:
                 continue
-            a, b = figures[key], ref[key]
+            a, b = figures[key], reference[key]
             lo_a, hi_a = a["mean"] - _half(a), a["mean"] + _half(a)
             lo_b, hi_b = b["mean"] - _half(b), b["mean"] + _half(b)
-            higher, lower = lo_a > hi_b, hi_a < lo_b
+            gap = MIN_GAP["steps" if key == "relearn_steps" else "p"]
+            higher = lo_a > hi_b and a["mean"] - b["mean"] >= gap
+            lower = hi_a < lo_b and b["mean"] - a["mean"] >= gap
             if key == "relearn_steps":
                 higher, lower = lower, higher  # fewer steps to relearn = shallower
             out[label][key] = "shallow" if higher else "deeper" if lower else "not distinguishable"
@@ -326,6 +343,10 @@ def markdown(result: dict) -> str:
     for label, per in result["verdicts"].items():
         text = ", ".join(f"{dict(FIGURES)[k]}: {v}" for k, v in per.items())
         lines.append(f"- {DISPLAY.get(label, label)} against Retrain: {text}.")
+    for pair, per in result.get("pair_verdicts", {}).items():
+        a, b = pair.split(" vs ")
+        text = ", ".join(f"{dict(FIGURES)[k]}: {v}" for k, v in per.items())
+        lines.append(f"- {DISPLAY.get(a, a)} against {DISPLAY.get(b, b)}: {text}.")
     return "\n".join(lines) + "\n"
 
 
