@@ -30,8 +30,9 @@ ITEMS = (
     "ablation",
     "comparison_mnist5k",
     "sa_fisher",
+    "robustness",
 )
-SLOW = ("sa_budget", "ddpm_multiclass", "comparison", "ablation", "comparison_mnist5k")
+SLOW = ("sa_budget", "ddpm_multiclass", "comparison", "ablation", "comparison_mnist5k", "robustness")
 DEFAULT = tuple(item for item in ITEMS if item not in SLOW)
 MODULE = {"ablation": "comparison", "comparison_mnist5k": "comparison"}  # items sharing a module
 
@@ -53,9 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cifar-ks", type=int, nargs="+", help="step_overhead: K values for the 35.7M model")
     parser.add_argument(
         "--work",
-        default="runs/benchmarks",
-        help="comparison items: folder for the demo outputs (models, samples; resumable)",
+        help="comparison items: folder for the demo outputs (models, samples; resumable; default "
+        "runs/benchmarks); robustness: models and per-run results (default runs/benchmarks/robustness)",
     )
+    parser.add_argument("--models", nargs="+", help="robustness: attack these demo output folders' models")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     suffix = f"_{device.type}" if device.type != "cpu" else ""
@@ -63,12 +65,16 @@ def main(argv: list[str] | None = None) -> None:
         module = importlib.import_module(f".{MODULE.get(item, item)}", __package__)
         extra = {"rounds": args.rounds, "cifar_ks": args.cifar_ks} if item == "step_overhead" else {}
         if module.__name__.endswith(".comparison"):
-            extra = {"config": item, "work": args.work}
+            extra = {"config": item, "work": args.work or "runs/benchmarks"}
+        if item == "robustness":
+            extra = {"work": args.work or "runs/benchmarks/robustness", "models": args.models}
         payload = module.run(device, args.smoke, **extra)
         command = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
         meta = {"device": str(device), "smoke": args.smoke, "command": command}
         path = write_result(item + suffix, {**meta, **payload}, args.out)
         print(f"wrote {path}")
+        if hasattr(module, "update_doc") and not args.smoke:
+            module.update_doc(payload, command)  # its own page (docs/robustness.md), not benchmarks.md
     if not (args.smoke or args.no_docs):
         from .report import write_docs
 

@@ -184,6 +184,11 @@ def _demo(p: argparse.ArgumentParser) -> Runner:
         help="bootstrap rounds over evaluation samples for 95%% intervals (default 0: none)",
     )
     p.add_argument("--cache-dir", help="default $XDG_CACHE_HOME/constrained_opt")
+    p.add_argument(
+        "--attacks",
+        action="store_true",
+        help="also attack every model (inversion, mixture, relearning, benign fine-tuning; minutes each)",
+    )
     _add_eval(p)
     _add_common(p)
 
@@ -218,6 +223,7 @@ def _demo(p: argparse.ArgumentParser) -> Runner:
             checkpoint=args.checkpoint,
             classifier=args.classifier,
             cache=args.cache_dir,
+            attacks=args.attacks,
             progress=not args.quiet,
         )
         print(metrics_table(results))
@@ -430,6 +436,9 @@ def _evaluate(p: argparse.ArgumentParser) -> Runner:
 from .diffusion.sd.cli import register as _register_sd  # noqa: E402
 
 _register_sd(command, unlearn_target, _add_common)  # `unlearn sd` and `sd {generate,nudenet,ua,...}`
+from .diffusion.attacks_cli import register as _register_attacks  # noqa: E402
+
+_register_attacks(command, _add_common)  # `attack {ddpm,sd}`
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -159,3 +159,21 @@ def test_sa_fisher_smoke_compares_the_shipped_fisher_with_the_old_estimate(tmp_p
     res = json.loads((tmp_path / "sa_fisher.json").read_text())
     assert res["released_samples"] == 180 and res["old_samples"] == 20
     assert res["ratio_of_totals"] == res["released_total"] / res["old_total"] and res["ratio_of_totals"] > 1
+
+
+def test_robustness_smoke_attacks_every_model_and_renders_the_table(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks", "--only", "robustness", "--smoke", "--out", str(tmp_path)]
+    subprocess.run(
+        [*cmd, "--work", str(tmp_path / "work")], cwd=ROOT, check=True, capture_output=True, timeout=600
+    )
+    res = json.loads((tmp_path / "robustness.json").read_text())
+    assert {"base", "erasediff", "moo"} <= set(res["summary"]) and res["seeds"] == [0]
+    for figures in res["summary"].values():
+        assert {"none_p_forget", "inversion_p_forget", "mixture_p_forget", "relearn_steps"} <= set(figures)
+        assert all(0 <= f["mean"] <= 1 for k, f in figures.items() if k.endswith("p_forget"))
+    assert len(list((tmp_path / "work" / "smoke").glob("*-seed0.json"))) == len(res["summary"])
+
+    from benchmarks.robustness import markdown
+
+    table = markdown(res)
+    assert "| Unscrubbed (base) |" in table and "| EraseDiff (grad_norm) |" in table

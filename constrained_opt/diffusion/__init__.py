@@ -11,4 +11,6 @@ inside functions, so ``import constrained_opt`` needs only torch and numpy.
 - :mod:`.baselines`: EraseDiff and the baselines behind one step interface.
 - :mod:`.report`: atomic writes, metrics table, sample grids, the Fig. 2 cosine plot.
 - :mod:`.ddpm`: orchestration of ``train-base``, ``unlearn ddpm``, ``evaluate`` and ``demo``.
+- :mod:`.attacks`: attacks that try to bring an erased class back (``constrained-opt attack ddpm``);
+  :mod:`.attacks_cli` registers ``attack {ddpm,sd}``.
 """

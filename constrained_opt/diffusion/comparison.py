@@ -163,7 +163,7 @@ def aggregate(per_seed: list[dict[str, dict]], histories: dict[str, list[list[di
             extra = {"hparams": records[0]["hparams"]} if "hparams" in records[0] else {}
             out[label] = {**row, **extra, "failed": failed[label], "n_seeds": n}
             continue
-        keys = [k for k, v in records[0].items() if _is_number(v)]
+        keys = [k for k in records[0] if all(_is_number(r.get(k)) for r in records)]
         row: dict = {k: statistics.fmean([r[k] for r in records]) for k in keys}
         if n > 1:
             row["ci95"] = {k: mean_ci95([r[k] for r in records])[1] for k in keys}

@@ -45,7 +45,7 @@ from .models import (
     shipped,
 )
 from .multiclass import check_classes, evaluate_classes, is_forgotten, split_forget_classes
-from .report import gap_table, metrics_table, save_cosine_plot, save_sample_grid, write_report
+from .report import DISPLAY, gap_table, metrics_table, save_cosine_plot, save_sample_grid, write_report
 from .resume import check_resume, run_config
 from .sampling import NUM_TRAIN_TIMESTEPS, SAMPLERS, sample
 from .train import train_classifier, train_unet
@@ -525,6 +525,7 @@ class DemoContext:
     resume: bool
     progress: bool
     inputs: dict  # identify the data and base model in each run's configuration (see .resume)
+    attacks: bool = False  # also attack every model (demo --attacks)
 
 
 def evaluate_reference(ctx: DemoContext, name: str, es: EvalSettings) -> dict:
@@ -650,6 +651,26 @@ def run_seed(ctx: DemoContext, seed: int, out: str) -> tuple[dict[str, dict], di
                 f"{m['remaining_accuracy']:.3f}, FID {m['fid']:.3f}",
                 flush=True,
             )
+    if ctx.attacks:
+        from .attacks import demo_attacks
+
+        models = {
+            **ctx.references,
+            **{r.label: os.path.join(out, "models", f"{r.label}.safetensors") for r in ctx.runs},
+        }
+        models = {name: path for name, path in models.items() if "failed" not in results[name]}
+        attacked = demo_attacks(
+            models,
+            ctx.classifier,
+            ctx.data,
+            ctx.forget_class,
+            seed=seed,
+            state_dir=state_dir,
+            resume=ctx.resume,
+            progress=ctx.progress,
+        )
+        for name, figures in attacked.items():
+            results[name] = {**results[name], **figures}
     if "retrain" in refs:
         save_sample_grid(
             os.path.join(out, "samples_retrain.png"),
@@ -689,6 +710,7 @@ def demo(
     checkpoint: str | None = None,
     classifier: str | None = None,
     cache: str | None = None,
+    attacks: bool = False,
     progress: bool = True,
 ) -> dict[str, dict]:
     """Forget one class with EraseDiff and ``methods`` over ``seeds`` seeds; evaluate; write the report.
@@ -704,6 +726,8 @@ def demo(
     label, the means under the usual keys plus ``ci95`` (95% Student-t half-widths over seeds),
     ``gap_to_retrain`` and, for EraseDiff-like runs, the distribution of λ. ``bootstrap`` > 0 adds
     bootstrap half-widths over the evaluation samples (used as ``ci95`` when there is one seed).
+    ``attacks``: also attack every model of every seed (:func:`.attacks.demo_attacks`: base, Retrain and
+    each run whose evaluation did not fail), adding ``attack_*`` keys and an "under attack" table.
     """
     t_start = time.perf_counter()
     es = es or EvalSettings(seed=seed)
@@ -761,6 +785,7 @@ def demo(
         resume,
         progress,
         {"data": data, "base": _file_digest(unet_path)},
+        attacks,
     )
     if resume:
         check_done_rows(ctx, range(seed, seed + seeds), out)
@@ -808,7 +833,8 @@ def demo(
         [*noise_floor_notes(floor), *acceptance_notes(summary)],
         figures,
     )
-    write_text(os.path.join(out, "table.md"), metrics_table(summary) + "\n" + gap_table(summary))
+    tables = metrics_table(summary) + "\n" + gap_table(summary) + under_attack(summary)
+    write_text(os.path.join(out, "table.md"), tables)
     return summary
 
 
@@ -824,6 +850,16 @@ def noise_floor_notes(floor: dict) -> list[str]:
         spread = ", ".join(f"{k} ±{v:.3f}" for k, v in floor["base_over_seeds"].items() if k in METRICS)
         notes.append(f"Noise floor, evaluation seeds: the base model's 95% half-widths over seeds: {spread}.")
     return notes
+
+
+def under_attack(results: dict[str, dict]) -> str:
+    """The "under attack" block of table.md when the models were attacked (``demo --attacks``)."""
+    from .attacks import attack_table
+
+    table = attack_table(results, DISPLAY)
+    return (
+        f"\n### Under attack (P(y=c_f) of class-c_f samples; docs/robustness.md)\n\n{table}" if table else ""
+    )
 
 
 def acceptance_notes(results: dict[str, dict]) -> list[str]:

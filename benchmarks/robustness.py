@@ -1,0 +1,363 @@
+"""Item robustness: does the erased class stay erased? Every method's scrubbed model under attack.
+
+The digits DDPM forgets class 0 with each method at the demo's budget (300 steps, batch 64, Adam lr
+1e-4, the methods' default hyperparameters), once per seed; then every model — the base model, the
+Retrain reference (trained without class 0, when shipped), and each scrubbed one — goes through the four
+attacks of :mod:`constrained_opt.diffusion.attacks` at their default :class:`~.Budget`, with the attack
+seed equal to the unlearning seed (base and Retrain: one attack per seed). Figures are means over seeds
+with 95% Student-t half-widths; the base model's and Retrain's spreads over attack seeds are the noise
+floor. Per (model, seed) results and the scrubbed models are kept in ``work`` so an interrupted run
+resumes. ``models`` replaces the unlearning stage by demo output folders (``models/*.safetensors``,
+or ``seed<s>/models/*.safetensors`` for several seeds), e.g. the evaluation's final runs.
+
+The markdown table between the markers of ``docs/robustness.md`` is regenerated from the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import statistics
+
+import torch
+
+FORGET_CLASS = 0
+SEEDS = (0, 1, 2)
+# label: (method, hyperparameters); labels match the demo's models/<label>.safetensors.
+RUNS = {
+    "erasediff": ("erasediff", {}),
+    "erasediff_value": ("erasediff", {"rule": "value"}),
+    "moo": ("moo", {}),
+    "salun": ("salun", {}),
+    "sa": ("sa", {}),
+    "neggrad": ("neggrad", {}),
+    "finetune": ("finetune", {}),
+}
+DISPLAY = {
+    "base": "Unscrubbed (base)",
+    "retrain": "Retrain (never saw class 0)",
+    "erasediff": "EraseDiff (grad_norm)",
+    "erasediff_value": "EraseDiff (value)",
+    "moo": "MOO",
+    "salun": "SalUn",
+    "sa": "Selective Amnesia",
+    "neggrad": "NegGrad",
+    "finetune": "Finetune",
+}
+# (figure key in the flat per-run record, column title)
+FIGURES = (
+    ("none_p_forget", "no attack"),
+    ("inversion_p_forget", "inversion"),
+    ("mixture_p_forget", "mixture"),
+    ("relearn_p_forget_20", "relearn, P after 20 steps"),
+    ("relearn_steps", "relearn, steps to P ≥ 0.5"),
+    ("benign_p_forget", "benign fine-tuning"),
+)
+# Noise floor of a verdict: a gap smaller than this is not called, whatever the intervals (P: about the
+# bootstrap half-width of one run's P near 0.05 with 100 samples; steps: the probe spacing).
+MIN_GAP = {"p": 0.05, "steps": 5}
+DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "robustness.md")
+BEGIN, END = "<!-- robustness:begin -->", "<!-- robustness:end -->"
+
+
+def _t975(df: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float | None]:
+    """(mean, half-width of the 95% Student-t interval of the mean); no half-width for one value."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, _t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def flatten(results: dict[str, dict], budget) -> dict[str, float]:
+    """The figures of one attacked model: P(y = c_f) under each attack, relearning's P at 5 and 20 steps
+    and its steps to P ≥ 0.5 (the budget's step count + probe spacing when never reached)."""
+    out = {
+        f"{name}_p_forget": results[name]["p_forget"]
+        for name in ("none", "inversion", "mixture", "benign")
+        if name in results
+    }
+    if "relearn" in results:
+        r = results["relearn"]
+        for step in ("5", "20"):
+            if step in r["p_forget_at"]:
+                out[f"relearn_p_forget_{step}"] = r["p_forget_at"][step]
+        steps = r["steps_to_threshold"]
+        out["relearn_steps"] = steps if steps is not None else budget.relearn_steps + budget.probe_every
+        out["relearn_p_forget"] = r["p_forget"]
+    return out
+
+
+def bootstrap_halves(results: dict[str, dict]) -> dict[str, float]:
+    """Half-widths of the 95% bootstrap intervals over samples of each attack's P (for a single run)."""
+    return {
+        f"{name}_p_forget": (r["p_forget_ci"][1] - r["p_forget_ci"][0]) / 2 for name, r in results.items()
+    }
+
+
+def find_models(folders: list[str]) -> dict[tuple[str, int], str]:
+    """{(label, seed): path} from demo output folders (``models/`` or ``seed<s>/models/``)."""
+    found = {}
+    for folder in folders:
+        layouts = [(0, os.path.join(folder, "models"))]
+        for name in sorted(os.listdir(folder)):
+            if m := re.fullmatch(r"seed(\d+)", name):
+                layouts.append((int(m.group(1)), os.path.join(folder, name, "models")))
+        for seed, models in layouts:
+            if os.path.isdir(models):
+                for f in sorted(os.listdir(models)):
+                    if f.endswith(".safetensors"):
+                        found[(f.removesuffix(".safetensors"), seed)] = os.path.join(models, f)
+    if not found:
+        raise SystemExit(f"no models/*.safetensors under {', '.join(folders)}")
+    return found
+
+
+def run(
+    device: torch.device,
+    smoke: bool,
+    work: str = "runs/benchmarks/robustness",
+    models: list[str] | None = None,
+) -> dict:
+    from constrained_opt.diffusion.attacks import Budget, attack_unet
+    from constrained_opt.diffusion.baselines import unlearn
+    from constrained_opt.diffusion.data import load_data, split_forget
+    from constrained_opt.diffusion.io import read_json, write_json
+    from constrained_opt.diffusion.models import (
+        ASSETS,
+        SHIPPED_CLASSIFIER,
+        SHIPPED_UNET,
+        load_classifier,
+        load_unet,
+        save_unet,
+    )
+
+    data = load_data("digits")
+    retain, forget = split_forget(data, FORGET_CLASS)
+    base, _ = load_unet(SHIPPED_UNET)
+    base = base.to(device).eval()
+    classifier = load_classifier(SHIPPED_CLASSIFIER)[0].to(device)
+    seeds = (0,) if smoke else SEEDS
+    runs = {"erasediff": RUNS["erasediff"], "moo": RUNS["moo"]} if smoke else RUNS
+    steps = 2 if smoke else 300
+    budget_kw = (
+        dict(
+            num_images=8,
+            steps=3,
+            batch_size=8,
+            relearn_images=4,
+            relearn_steps=4,
+            benign_steps=2,
+            probe_every=2,
+            samples=8,
+            sampling_steps=2,
+            probe_samples=4,
+            probe_sampling_steps=2,
+        )
+        if smoke
+        else {}
+    )
+    work = os.path.join(work, "smoke") if smoke else work
+    paths: dict[tuple[str, int], str] = {}
+    retrain_path = os.path.join(ASSETS, f"digits_retrain_c{FORGET_CLASS}.safetensors")
+    paths[("base", seeds[0])] = SHIPPED_UNET  # forgets nothing: one attack shows each reaches P ≥ 0.8
+    for seed in seeds:
+        if os.path.isfile(retrain_path):
+            paths[("retrain", seed)] = retrain_path
+    if models:
+        paths.update({k: v for k, v in find_models(models).items() if k[1] in seeds})
+    records: dict[str, dict[int, dict]] = {}
+    labels = ["base", "retrain", *runs] if not models else sorted({k[0] for k in paths}, key=_order)
+    for label in labels:
+        for seed in seeds:
+            if (label, seed) not in paths and (models or label not in runs):
+                continue  # base beyond the first seed, Retrain when none is shipped
+            budget = Budget(**budget_kw, seed=seed)
+            done = os.path.join(work, f"{label}-seed{seed}.json")
+            if os.path.isfile(done) and read_json(done)["budget"] == dataclasses.asdict(budget):
+                records.setdefault(label, {})[seed] = read_json(done)
+                continue
+            if (label, seed) in paths:
+                unet = load_unet(paths[(label, seed)])[0].to(device).eval()
+            else:
+                method, hp = runs[label]
+                unet = unlearn(
+                    method,
+                    base,
+                    retain,
+                    forget,
+                    FORGET_CLASS,
+                    steps=steps,
+                    batch_size=64,
+                    lr=1e-4,
+                    seed=seed,
+                    hparams=hp,
+                    progress=False,
+                ).unet
+                save_unet(
+                    os.path.join(work, "models", f"{label}-seed{seed}.safetensors"),
+                    unet.cpu(),
+                    {"method": method, "hparams": hp, "seed": seed, "steps": steps},
+                )
+                unet = unet.to(device)
+            results, _ = attack_unet(unet, classifier, data, FORGET_CLASS, budget=budget, progress=False)
+            record = {"results": results, "budget": dataclasses.asdict(budget)}
+            write_json(done, record)
+            records.setdefault(label, {})[seed] = record
+            line = ", ".join(f"{k} {v:.3f}" for k, v in flatten(results, budget).items())
+            print(f"robustness  {label} seed {seed}: {line}", flush=True)
+    summary = {
+        label: summarise([r["results"] for r in per.values()], budget_kw) for label, per in records.items()
+    }
+    return {
+        "forget_class": FORGET_CLASS,
+        "seeds": list(seeds),
+        "unlearning": {
+            "steps": steps,
+            "batch_size": 64,
+            "lr": 1e-4,
+            "runs": {k: list(v) for k, v in runs.items()},
+        },
+        "models_from": models or "unlearned here",
+        "budget": {**Budget(**budget_kw).__dict__, "seed": "= unlearning seed"},
+        "summary": summary,
+        "per_seed": {
+            label: {str(s): flatten(r["results"], Budget(**budget_kw)) for s, r in per.items()}
+            for label, per in records.items()
+        },
+        "verdicts": verdicts(summary),
+        "pair_verdicts": pair_verdicts(summary),
+        "attack_time_s": attack_times([r["results"] for per in records.values() for r in per.values()]),
+    }
+
+
+def attack_times(runs: list[dict[str, dict]]) -> dict[str, dict[str, float]]:
+    """Wall time of each attack over all runs (median, min, max): the machine may be shared."""
+    out = {}
+    for name in ("inversion", "mixture", "relearn", "benign"):
+        times = sorted(r[name]["time_s"] for r in runs if name in r)
+        if times:
+            out[name] = {"median": statistics.median(times), "min": times[0], "max": times[-1]}
+    return out
+
+
+def _order(label: str) -> tuple[int, str]:
+    known = list(DISPLAY)
+    return (known.index(label) if label in known else len(known), label)
+
+
+def summarise(runs: list[dict[str, dict]], budget_kw: dict) -> dict[str, dict]:
+    """Each figure over the runs (seeds): mean and 95% Student-t half-width; for a single run, the
+    bootstrap half-width over samples where there is one (``interval`` says which)."""
+    from constrained_opt.diffusion.attacks import Budget
+
+    budget = Budget(**budget_kw)
+    figures = [flatten(r, budget) for r in runs]
+    out = {}
+    for key in dict.fromkeys(k for f in figures for k in f):
+        values = [f[key] for f in figures if key in f]
+        mean, half = mean_ci95(values)
+        interval = "seeds"
+        if half is None and key in (boot := bootstrap_halves(runs[0])):
+            half, interval = boot[key], "bootstrap"
+        out[key] = {"mean": mean, "ci95": half, "interval": half and interval, "values": values}
+    return out
+
+
+PAIRS = (("moo", "erasediff"), ("erasediff_value", "erasediff"))  # (model, reference) tied on plain P
+
+
+def pair_verdicts(summary: dict[str, dict]) -> dict[str, dict[str, str]]:
+    """The same verdicts between methods that tie without attack (:data:`PAIRS`): "a vs b"."""
+    return {
+        f"{a} vs {b}": verdicts({a: summary[a], b: summary[b]}, ref=b)[a]
+        for a, b in PAIRS
+        if a in summary and b in summary
+    }
+
+
+def verdicts(summary: dict[str, dict], ref: str = "retrain") -> dict[str, dict[str, str]]:
+    """Per method and attack, against Retrain: ``shallow`` when the attacked P's 95% interval lies above
+    Retrain's and the means differ by at least the noise floor :data:`MIN_GAP` (for the relearning step
+    count: fewer steps), ``deeper`` when below (more steps), else ``not distinguishable``."""
+    reference = summary.get(ref)
+    if reference is None:
+        return {}
+    out = {}
+    for label, figures in summary.items():
+        if label in ("base", ref):
+            continue
+        out[label] = {}
+        for key, _ in FIGURES[1:]:
+            if key not in figures or key not in reference:
+                continue
+            a, b = figures[key], reference[key]
+            lo_a, hi_a = a["mean"] - _half(a), a["mean"] + _half(a)
+            lo_b, hi_b = b["mean"] - _half(b), b["mean"] + _half(b)
+            gap = MIN_GAP["steps" if key == "relearn_steps" else "p"]
+            higher = lo_a > hi_b and a["mean"] - b["mean"] >= gap
+            lower = hi_a < lo_b and b["mean"] - a["mean"] >= gap
+            if key == "relearn_steps":
+                higher, lower = lower, higher  # fewer steps to relearn = shallower
+            out[label][key] = "shallow" if higher else "deeper" if lower else "not distinguishable"
+    return out
+
+
+def _half(figure: dict) -> float:
+    return figure["ci95"] or 0.0
+
+
+def markdown(result: dict) -> str:
+    """The table of docs/robustness.md: mean ± 95% half-width over seeds, one row per model."""
+    lines = [
+        "| Model | " + " | ".join(title for _, title in FIGURES) + " |",
+        "|---|" + "---:|" * len(FIGURES),
+    ]
+    for label, figures in result["summary"].items():
+        cells = []
+        for key, _ in FIGURES:
+            f = figures.get(key)
+            if f is None:
+                cells.append("–")
+                continue
+            fmt = "{:.0f}" if key == "relearn_steps" else "{:.3f}"
+            half = "" if f["ci95"] is None else " ± " + fmt.format(f["ci95"])
+            cells.append(fmt.format(f["mean"]) + half + (" (b)" if f.get("interval") == "bootstrap" else ""))
+        lines.append(f"| {DISPLAY.get(label, label)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    base = result["summary"].get("base", {})
+    for key in ("inversion_p_forget", "mixture_p_forget"):
+        if key in base:
+            p = base[key]["mean"]
+            lines.append(
+                f"- Effective where it should be: {dict(FIGURES)[key]} on the unscrubbed model reaches "
+                f"P = {p:.3f} ({'≥' if p >= 0.8 else '<'} 0.8: {'met' if p >= 0.8 else 'NOT met'})."
+            )
+    for label, per in result["verdicts"].items():
+        text = ", ".join(f"{dict(FIGURES)[k]}: {v}" for k, v in per.items())
+        lines.append(f"- {DISPLAY.get(label, label)} against Retrain: {text}.")
+    for pair, per in result.get("pair_verdicts", {}).items():
+        a, b = pair.split(" vs ")
+        text = ", ".join(f"{dict(FIGURES)[k]}: {v}" for k, v in per.items())
+        lines.append(f"- {DISPLAY.get(a, a)} against {DISPLAY.get(b, b)}: {text}.")
+    return "\n".join(lines) + "\n"
+
+
+def update_doc(result: dict, command: str, path: str = DOC) -> None:
+    """Replace the text between the markers of ``path`` with the table and its provenance."""
+    from constrained_opt.diffusion.io import write_text
+
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    source = f"*Generated by `{command}` from `benchmarks/results/robustness.json`.*"
+    block = f"{BEGIN}\n{source}\n\n{markdown(result)}{END}"
+    write_text(path, head + block + tail)

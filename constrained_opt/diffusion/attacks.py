@@ -1,0 +1,786 @@
+"""Attacks that try to bring an erased class back into a class-conditional DDPM.
+
+The model is a diffusers ``UNet2DModel`` with ``num_class_embeds = C + 1`` (row C is the null class ∅
+of classifier-free guidance). E ∈ R^{(C+1)×d} is its class-embedding table and
+L(x_0, e) = E_{t,ε} ‖ε − ε_θ(x_t, t | e)‖² the denoising loss with the class embedding replaced by a
+vector e. Every attack runs under one fixed :class:`Budget` (steps, learning rates, N, n, seed) shared
+by all models, so the figures compare across unlearning methods.
+
+1. **Concept inversion** (the DDPM analogue of textual inversion as used by Pham et al.'s concept
+   inversion, NYU-DICE-Lab/circumventing-concept-erasure ``esd/concept_inversion.py``): one new vector
+   e* = argmin_e E_{x_0 ∈ D_N} L(x_0, e) on N real images of c_f, θ frozen, e initialised at E_∅, Adam.
+2. **Embedding mixture** (the analogue of UnlearnDiffAtk's relaxed-token search, OPTML-Group/
+   Diffusion-MU-Attack ``src/attackers/text_grad_.py``): e = wᵀE with w on the simplex Δ^C (the null
+   class included), minimising the same loss by projected Adam: w ← Π_Δ(w) after every step
+   (Euclidean projection). w starts at the best of the uniform point (UnlearnDiffAtk's start) and
+   the C + 1 vertices, see :func:`best_start`.
+3. **Relearning**: all weights of a copy of θ fine-tuned m steps on n real images of c_f with the plain
+   training loss L(x_0, E_{c_f}) (Adam, update norm clipped at 1 as in training); P(y = c_f) is probed
+   every ``probe_every`` steps; reported: P at each probe and the first probed step where P ≥ 0.5.
+4. **Benign fine-tuning**: the same on the retained classes only (c_f is never shown); whether
+   P(y = c_f) rises again.
+
+Attacks 1–2 sample with the attacked vector in the conditional branch of classifier-free guidance,
+ε̂ = (1 + w)ε(x_t | e) − wε(x_t | ∅), from the same x_T as the plain (``none``) evaluation of class c_f.
+Reported per attack: ``p_forget`` = mean P_ψ(y = c_f | x) over the samples with a 95% percentile
+bootstrap interval over samples (``p_forget_ci``), and ``entropy`` (nats) of P_ψ(y | x). The model under
+attack is never modified: 1–2 swap the class-embedding module for the attack's duration and freeze
+θ; 3–4 train a deep copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .data import BatchSampler, ImageData, check_class, split_forget
+from .errors import UsageError
+from .io import atomic_path, write_json, write_text
+from .losses import denoising_loss, diffuse, unet_eps
+from .metrics import classifier_probs, forget_scores
+from .models import null_class
+from .sampling import make_scheduler, sample
+
+ATTACKS = ("inversion", "mixture", "relearn", "benign")
+RELEARN_THRESHOLD = 0.5
+MIXTURE_STARTS = ("best", "uniform")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The fixed budget of every attack. Defaults: minutes per model on 2 CPU cores for the digits DDPM.
+
+    - inversion / mixture: ``num_images`` (N) real images of c_f, ``steps`` Adam steps of batch
+      ``batch_size`` at ``inversion_lr`` / ``mixture_lr``; the mixture starts at :func:`best_start`
+      (``mixture_start="best"``) or at the uniform point as UnlearnDiffAtk (``"uniform"``);
+    - relearn: ``relearn_images`` (n) real images of c_f, ``relearn_steps`` (m) steps of batch n at
+      ``relearn_lr``, probed every ``probe_every`` steps;
+    - benign: ``benign_steps`` steps of batch ``batch_size`` on the retained classes at ``relearn_lr``,
+      probed every ``benign_probe_every`` steps;
+    - evaluation: ``samples`` images of the attacked class, DDIM ``sampling_steps``, CFG ``guidance``;
+      probes use ``probe_samples`` images and DDIM ``probe_sampling_steps``;
+    - ``seed`` fixes the image subsets, every (t, ε) draw and the sampling noise x_T.
+    """
+
+    num_images: int = 32
+    steps: int = 300
+    batch_size: int = 32
+    inversion_lr: float = 0.1
+    mixture_lr: float = 0.01
+    mixture_start: str = field(default="best", metadata={"choices": MIXTURE_STARTS})
+    relearn_images: int = 8
+    relearn_steps: int = 60
+    relearn_lr: float = 1e-4
+    benign_steps: int = 100
+    probe_every: int = 5
+    benign_probe_every: int = 25
+    samples: int = 100
+    sampling_steps: int = 50
+    guidance: float = 2.0
+    probe_samples: int = 50
+    probe_sampling_steps: int = 25
+    seed: int = 0
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "seed":
+                continue
+            if "choices" in f.metadata:
+                if value not in f.metadata["choices"]:
+                    raise UsageError(
+                        f"attack budget: {f.name} must be one of {', '.join(f.metadata['choices'])}"
+                    )
+            elif f.name == "guidance":
+                if not value >= 0:
+                    raise UsageError(f"attack budget: guidance must be ≥ 0, got {value}")
+            elif not value > 0:
+                raise UsageError(f"attack budget: {f.name} must be positive, got {value}")
+
+
+# ------------------------------------------------------------------------------------------- mechanics
+class AppendedEmbedding(nn.Module):
+    """An ``nn.Embedding`` with rows appended: index ``first + i`` reads ``extra()[i]``, others the table.
+
+    ``extra`` is called on every forward pass, so the rows may be a function of attack variables
+    (e = wᵀE for the mixture). The original table is kept as a submodule and read, never copied or
+    written. ``first`` defaults to the table size; a tokenizer whose length is below its embedding
+    table's (padded vocabularies) assigns new tokens lower ids, which are redirected all the same.
+    """
+
+    def __init__(self, table: nn.Embedding, extra: Callable[[], Tensor], first: int | None = None):
+        super().__init__()
+        self.table, self.extra = table, extra
+        self.first = table.num_embeddings if first is None else first
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = self.extra().to(self.table.weight)
+        is_new = (ids >= self.first).unsqueeze(-1)
+        base = self.table(ids.clamp(max=self.table.num_embeddings - 1))
+        return torch.where(is_new, rows[(ids - self.first).clamp(0, len(rows) - 1)], base)
+
+
+@contextlib.contextmanager
+def attacked_embedding(unet, extra: Callable[[], Tensor]) -> Iterator[int]:
+    """Within the block, class label ``index`` (yielded) conditions ``unet`` on ``extra()[0]``, and the
+    UNet's own parameters are frozen (``requires_grad=False``); both are restored on exit."""
+    table = unet.class_embedding
+    if not isinstance(table, nn.Embedding):
+        raise UsageError(
+            "the model has no class-embedding table (num_class_embeds): not a class-conditional DDPM"
+        )
+    flags = [p.requires_grad for p in unet.parameters()]
+    unet.requires_grad_(False)
+    unet.class_embedding = AppendedEmbedding(table, extra)
+    try:
+        yield table.num_embeddings
+    finally:
+        unet.class_embedding = table
+        for p, flag in zip(unet.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+
+def project_simplex(v: Tensor) -> Tensor:
+    """Euclidean projection of each row of ``v`` onto the probability simplex {w ≥ 0, Σw = 1}.
+
+    The sort-based algorithm (Held et al. 1974; Duchi et al. 2008): with u sorted descending and
+    ρ = max{j : u_j − (Σ_{i≤j} u_i − 1)/j > 0}, w = max(v − τ, 0) for τ = (Σ_{i≤ρ} u_i − 1)/ρ.
+    Hand-written: no library in our dependencies has it, and UnlearnDiffAtk's bisection is slower.
+    """
+    u = v.sort(dim=-1, descending=True).values
+    css = u.cumsum(-1) - 1
+    j = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
+    rho = ((u - css / j) > 0).sum(-1, keepdim=True)
+    tau = css.gather(-1, rho - 1) / rho.to(v.dtype)
+    return (v - tau).clamp_min(0)
+
+
+def bootstrap_ci(values: Tensor, seed: int, resamples: int = 1000, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of mean(values) over resampled samples."""
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(values), (resamples, len(values)), generator=generator)
+    means = values.double()[idx].mean(-1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=means.dtype))
+    return [lo.item(), hi.item()]
+
+
+# ------------------------------------------------------------------------------------------- scoring
+@dataclass
+class Scorer:
+    """Samples images for one class label and scores them with the evaluation classifier."""
+
+    classifier: nn.Module
+    forget_class: int
+    budget: Budget
+    progress: bool = True
+
+    def images(self, unet, label: int, *, probe: bool = False, desc: str = "sampling") -> Tensor:
+        b = self.budget
+        n = b.probe_samples if probe else b.samples
+        return sample(
+            unet,
+            torch.full((n,), label),
+            num_steps=b.probe_sampling_steps if probe else b.sampling_steps,
+            guidance=b.guidance,
+            seed=b.seed,
+            progress=self.progress and not probe,
+            desc=desc,
+        )
+
+    def score(self, images: Tensor) -> dict[str, Any]:
+        probs = classifier_probs(self.classifier, images)
+        p_forget, entropy = forget_scores(probs, self.forget_class)
+        return {
+            "p_forget": p_forget,
+            "p_forget_ci": bootstrap_ci(probs[:, self.forget_class], self.budget.seed),
+            "entropy": entropy,
+            "argmax_forget": (probs.argmax(-1) == self.forget_class).double().mean().item(),
+        }
+
+    def p_forget(self, unet) -> float:
+        """The cheap probe used along relearning: P(y = c_f) of ``probe_samples`` class-c_f samples."""
+        probs = classifier_probs(self.classifier, self.images(unet, self.forget_class, probe=True))
+        return probs[:, self.forget_class].mean().item()
+
+
+@dataclass
+class AttackRun:
+    """One attack's figures (``record``) and its class-c_f samples for the figure."""
+
+    record: dict[str, Any]
+    images: Tensor
+
+
+def pick(data: ImageData, n: int, generator: torch.Generator, what: str) -> ImageData:
+    """``n`` images drawn without replacement from ``data`` (seeded)."""
+    if n > len(data):
+        raise UsageError(f"attack budget asks for {n} {what} images, but the data has only {len(data)}")
+    return data.subset(torch.randperm(len(data), generator=generator)[:n])
+
+
+# ------------------------------------------------------------------------------------------- attacks 1–2
+def optimise_embedding(
+    unet,
+    images: ImageData,
+    rows: Callable[[], Tensor],
+    variables: list[Tensor],
+    lr: float,
+    budget: Budget,
+    generator: torch.Generator,
+    *,
+    project: Callable[[], None] | None = None,
+    desc: str,
+    progress: bool,
+) -> list[float]:
+    """min over ``variables`` of E L(x_0, rows()[0]) on ``images`` with Adam, θ frozen; returns the losses.
+
+    ``project`` runs after every step (the mixture's simplex projection).
+    """
+    from tqdm.auto import tqdm
+
+    scheduler = make_scheduler("ddpm")
+    optimizer = torch.optim.Adam(variables, lr=lr)
+    sampler = BatchSampler(images, budget.batch_size, int(torch.randint(2**31, (), generator=generator)))
+    device = next(unet.parameters()).device
+    losses = []
+    was_training = unet.training
+    unet.eval()
+    with attacked_embedding(unet, rows) as label:
+        eps = unet_eps(unet)
+        for _ in tqdm(range(budget.steps), desc=desc, disable=not progress, leave=False):
+            x0, _ = sampler.next()
+            cond = torch.full((len(x0),), label, device=device)
+            loss = denoising_loss(eps, diffuse(scheduler, x0.to(device), cond, generator))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if project is not None:
+                with torch.no_grad():
+                    project()
+            losses.append(loss.item())
+    unet.train(was_training)
+    return losses
+
+
+def loss_record(losses: list[float], t0: float) -> dict[str, Any]:
+    """Mean loss over the first and the last tenth of the steps (single-batch losses are noisy)."""
+    window = max(1, len(losses) // 10)
+    return {
+        "steps": len(losses),
+        "loss_first": sum(losses[:window]) / window,
+        "loss_last": sum(losses[-window:]) / window,
+        "time_s": time.perf_counter() - t0,
+    }
+
+
+def concept_inversion(
+    unet, forget: ImageData, scorer: Scorer, generator: torch.Generator, progress: bool = True
+) -> AttackRun:
+    """Attack 1: a new class-embedding vector learned on N images of c_f (θ frozen), then sampled."""
+    t0, budget = time.perf_counter(), scorer.budget
+    images = pick(forget, budget.num_images, generator, "forget-class")
+    table = unet.class_embedding.weight.detach()
+    vector = table[null_class(unet)].clone().unsqueeze(0).requires_grad_(True)
+    losses = optimise_embedding(
+        unet,
+        images,
+        lambda: vector,
+        [vector],
+        budget.inversion_lr,
+        budget,
+        generator,
+        desc="inversion",
+        progress=progress,
+    )
+    with torch.no_grad(), attacked_embedding(unet, lambda: vector.detach()) as label:
+        samples = scorer.images(unet, label, desc="sampling inversion")
+    e = vector.detach()[0]
+    record = {
+        **scorer.score(samples),
+        **loss_record(losses, t0),
+        "vector_norm": e.norm().item(),
+        "cosine_to_forget_embedding": nn.functional.cosine_similarity(
+            e, table[scorer.forget_class], dim=0
+        ).item(),
+        "vector": e.tolist(),
+    }
+    return AttackRun(record, samples)
+
+
+@torch.no_grad()
+def best_start(unet, images: ImageData, table: Tensor, generator: torch.Generator, draws: int = 4) -> Tensor:
+    """The simplex point with the lowest denoising loss among the uniform point and every vertex
+    (each class row, null included), on a fixed batch: ``draws`` (t, ε) draws per image.
+
+    On the digits base model the loss over the simplex is not convex: projected Adam from the uniform
+    point (UnlearnDiffAtk's start, where enumerating 49k vertices is out of reach) settled in a mixture
+    of other classes with a higher loss than the c_f vertex. With C + 2 candidates, checking them all
+    costs less than one optimisation step per candidate and makes the search at least as strong.
+    """
+    device = table.device
+    x0 = images.images.repeat(draws, 1, 1, 1).to(device)
+    b = diffuse(make_scheduler("ddpm"), x0, torch.zeros(len(x0), dtype=torch.long, device=device), generator)
+    k = len(table)
+    candidates = torch.cat([torch.full((1, k), 1.0 / k, device=device), torch.eye(k, device=device)])
+    losses = []
+    for w in candidates:
+        with attacked_embedding(unet, lambda w=w: (w @ table)[None]) as label:
+            cond = torch.full((len(x0),), label, device=device)
+            losses.append(denoising_loss(unet_eps(unet), b._replace(cond=cond)).item())
+    return candidates[min(range(len(losses)), key=losses.__getitem__)]
+
+
+def embedding_mixture(
+    unet, forget: ImageData, scorer: Scorer, generator: torch.Generator, progress: bool = True
+) -> AttackRun:
+    """Attack 2: e = wᵀE, w on the simplex over every class row (null included), projected Adam."""
+    t0, budget = time.perf_counter(), scorer.budget
+    images = pick(forget, budget.num_images, generator, "forget-class")
+    table = unet.class_embedding.weight.detach()
+    if budget.mixture_start == "best":
+        start = best_start(unet, images, table, generator)
+    else:
+        start = torch.full((len(table),), 1.0 / len(table), device=table.device)
+    weights = start.clone().unsqueeze(0).requires_grad_(True)
+
+    def project() -> None:
+        weights.copy_(project_simplex(weights))
+
+    losses = optimise_embedding(
+        unet,
+        images,
+        lambda: weights @ table,
+        [weights],
+        budget.mixture_lr,
+        budget,
+        generator,
+        project=project,
+        desc="mixture",
+        progress=progress,
+    )
+    w = weights.detach()
+    with torch.no_grad(), attacked_embedding(unet, lambda: w @ table) as label:
+        samples = scorer.images(unet, label, desc="sampling mixture")
+    record = {
+        **scorer.score(samples),
+        **loss_record(losses, t0),
+        "start": "uniform" if (start > 0).all() else f"class row {int(start.argmax())}",
+        "weight_forget_class": w[0, scorer.forget_class].item(),
+        "weight_null": w[0, null_class(unet)].item(),
+        "weights": w[0].tolist(),
+    }
+    return AttackRun(record, samples)
+
+
+# ------------------------------------------------------------------------------------------- attacks 3–4
+def fine_tune_attack(
+    unet,
+    train: ImageData,
+    scorer: Scorer,
+    steps: int,
+    batch_size: int,
+    probe_every: int,
+    generator: torch.Generator,
+    *,
+    desc: str,
+    progress: bool = True,
+) -> AttackRun:
+    """Fine-tune every weight of a copy of ``unet`` on ``train`` with the plain training loss; probe
+    P(y = c_f) at step 0 and every ``probe_every`` steps (and at the end)."""
+    from tqdm.auto import tqdm
+
+    t0, budget = time.perf_counter(), scorer.budget
+    model = copy.deepcopy(unet).train().requires_grad_(True)
+    device = next(model.parameters()).device
+    optimizer = torch.optim.Adam(model.parameters(), lr=budget.relearn_lr)
+    scheduler = make_scheduler("ddpm")
+    sampler = BatchSampler(train, batch_size, int(torch.randint(2**31, (), generator=generator)))
+    eps = unet_eps(model)
+    probes = {0: scorer.p_forget(model)}
+    losses = []
+    for step in tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False):
+        x0, c = sampler.next()
+        loss = denoising_loss(eps, diffuse(scheduler, x0.to(device), c.to(device), generator))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if step % probe_every == 0 or step == steps:
+            probes[step] = scorer.p_forget(model)
+    model.eval()
+    samples = scorer.images(model, scorer.forget_class, desc=f"sampling {desc}")
+    crossed = next((s for s, p in probes.items() if p >= RELEARN_THRESHOLD), None)
+    record = {
+        **scorer.score(samples),
+        "num_images": len(train),
+        "p_forget_at": {str(s): p for s, p in probes.items()},
+        "steps_to_threshold": crossed,
+        "threshold": RELEARN_THRESHOLD,
+        **loss_record(losses, t0),
+    }
+    return AttackRun(record, samples)
+
+
+def relearn(unet, forget: ImageData, scorer: Scorer, generator: torch.Generator, progress: bool = True):
+    """Attack 3: fine-tune on n real images of c_f (batch n) for m steps."""
+    b = scorer.budget
+    images = pick(forget, b.relearn_images, generator, "forget-class")
+    return fine_tune_attack(
+        unet,
+        images,
+        scorer,
+        b.relearn_steps,
+        b.relearn_images,
+        b.probe_every,
+        generator,
+        desc="relearn",
+        progress=progress,
+    )
+
+
+def benign(unet, retain: ImageData, scorer: Scorer, generator: torch.Generator, progress: bool = True):
+    """Attack 4: fine-tune on the retained classes only (batch ``batch_size``) for ``benign_steps``."""
+    b = scorer.budget
+    return fine_tune_attack(
+        unet,
+        retain,
+        scorer,
+        b.benign_steps,
+        b.batch_size,
+        b.benign_probe_every,
+        generator,
+        desc="benign",
+        progress=progress,
+    )
+
+
+ATTACK_FUNCTIONS = {"inversion": concept_inversion, "mixture": embedding_mixture, "relearn": relearn}
+
+
+def parse_attacks(spec: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``"all"`` → every attack; ``"inversion,relearn"`` or a sequence → those, validated, in order."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [n.strip() for n in names if n.strip()]
+    if names == ["all"]:
+        return ATTACKS
+    unknown = [n for n in names if n not in ATTACKS]
+    if unknown or not names:
+        raise UsageError(
+            f"unknown attack(s) {', '.join(unknown) or '(none)'}; expected all or some of "
+            f"{', '.join(ATTACKS)}"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def attack_unet(
+    unet,
+    classifier: nn.Module,
+    data: ImageData,
+    forget_class: int,
+    attacks: tuple[str, ...] = ATTACKS,
+    budget: Budget | None = None,
+    *,
+    progress: bool = True,
+) -> tuple[dict[str, dict], dict[str, Tensor]]:
+    """Run ``attacks`` on ``unet`` (never modified): ({"none": ..., attack: record}, {name: samples}).
+
+    ``none`` is the unattacked model's class-c_f samples, scored the same way. Each attack draws its
+    randomness from its own generator seeded by ``budget.seed``, so any subset of attacks gives the
+    same figures for the attacks it shares with another subset.
+    """
+    budget = budget or Budget()
+    check_class(forget_class, data.num_classes)
+    retain, forget = split_forget(data, forget_class)
+    scorer = Scorer(classifier, forget_class, budget, progress)
+    was_training = unet.training
+    unet.eval()
+    results = {"none": scorer.score(images := scorer.images(unet, forget_class, desc="sampling none"))}
+    samples = {"none": images}
+    for name in attacks:
+        generator = torch.Generator().manual_seed(budget.seed * 1000 + 1 + ATTACKS.index(name))
+        run = (
+            benign(unet, retain, scorer, generator, progress)
+            if name == "benign"
+            else ATTACK_FUNCTIONS[name](unet, forget, scorer, generator, progress)
+        )
+        results[name], samples[name] = run.record, run.images
+    unet.train(was_training)
+    return results, samples
+
+
+# ------------------------------------------------------------------------------------------- summaries
+def summary(results: dict[str, dict]) -> dict[str, float | int | None]:
+    """The flat ``attack_<name>_<figure>`` keys that the demo's metrics.json and tables carry."""
+    out: dict[str, float | int | None] = {}
+    for name, r in results.items():
+        if name == "none":
+            continue
+        out[f"attack_{name}_p_forget"] = r["p_forget"]
+        out[f"attack_{name}_entropy"] = r["entropy"]
+        if "steps_to_threshold" in r:
+            out[f"attack_{name}_steps"] = r["steps_to_threshold"]
+    return out
+
+
+ATTACK_COLUMNS = (
+    ("attack_inversion_p_forget", "Inversion P ↓"),
+    ("attack_mixture_p_forget", "Mixture P ↓"),
+    ("attack_relearn_p_forget", "Relearn P (end) ↓"),
+    ("attack_relearn_steps", "Relearn steps to P ≥ 0.5 ↑"),
+    ("attack_benign_p_forget", "Benign FT P (end) ↓"),
+)
+
+
+def _cell(row: dict, key: str) -> str:
+    if key not in row:
+        return "–"
+    value = row[key]
+    if value is None:  # a step count that never reached the threshold within the budget
+        return "> budget"
+    return str(value) if isinstance(value, int) else f"{value:.3f}"
+
+
+def attack_table(rows: dict[str, dict], display: dict[str, str] | None = None) -> str:
+    """Markdown "under attack" table: one row per model, the ``attack_*`` columns any row has."""
+    cols = [c for c in ATTACK_COLUMNS if any(c[0] in r for r in rows.values())]
+    if not cols:
+        return ""
+    lines = [
+        "| Model | P(y=c_f) no attack | " + " | ".join(t for _, t in cols) + " |",
+        "|---|---:|" + "---:|" * len(cols),
+    ]
+    for name, r in rows.items():
+        cells = [_cell(r, "p_forget"), *(_cell(r, key) for key, _ in cols)]
+        lines.append(f"| {(display or {}).get(name, name)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def cached_attack(
+    path: str,
+    classifier: nn.Module,
+    data: ImageData,
+    forget_class: int,
+    attacks: tuple[str, ...],
+    budget: Budget,
+    state_file: str,
+    *,
+    resume: bool = False,
+    unet=None,
+    progress: bool = True,
+) -> tuple[dict[str, dict], dict[str, Tensor] | None]:
+    """:func:`attack_unet` on the checkpoint ``path`` (or the already loaded ``unet``), its results kept in
+    ``state_file``. With ``resume``, a state file made from the same checkpoint file (sha256), attacks
+    and budget is reused instead; the samples are then None."""
+    import hashlib
+
+    from .io import read_json
+    from .models import load_unet
+
+    with open(path, "rb") as f:
+        key = {
+            "model_sha256": hashlib.sha256(f.read()).hexdigest(),
+            "attacks": list(attacks),
+            "budget": dataclasses.asdict(budget),
+        }
+    saved = read_json(state_file) if resume and os.path.isfile(state_file) else {}
+    if {k: saved.get(k) for k in key} == key:
+        return saved["results"], None
+    if unet is None:
+        unet = load_unet(path)[0].to(next(classifier.parameters()).device).eval()
+    results, samples = attack_unet(unet, classifier, data, forget_class, attacks, budget, progress=progress)
+    write_json(state_file, {**key, "results": results})
+    return results, samples
+
+
+def demo_attacks(
+    models: dict[str, str],
+    classifier: nn.Module,
+    data: ImageData,
+    forget_class: int,
+    *,
+    seed: int,
+    state_dir: str,
+    resume: bool = False,
+    budget: Budget | None = None,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """``demo --attacks``: every checkpoint of ``models`` ({name: path}) under every attack at ``budget``
+    (default: :class:`Budget`) with the demo's seed; returns {name: :func:`summary`}. Each model's full
+    results go to ``state_dir/attack_<name>.json``, which ``resume`` reuses (:func:`cached_attack`)."""
+    out = {}
+    run_budget = dataclasses.replace(budget or Budget(), seed=seed)
+    for name, path in models.items():
+        state = os.path.join(state_dir, f"attack_{name}.json")
+        results, _ = cached_attack(
+            path, classifier, data, forget_class, ATTACKS, run_budget, state, resume=resume, progress=progress
+        )
+        out[name] = summary(results)
+        print(report_line(name, results), flush=True)
+    return out
+
+
+def save_attack_grid(path: str, samples: dict[str, Tensor], title: str, per_row: int = 10) -> None:
+    """PNG with one row of class-c_f samples per attack (``none`` first), labelled."""
+    from matplotlib.figure import Figure
+    from torchvision.utils import make_grid
+
+    rows = []
+    for images in samples.values():
+        row = images[:per_row]
+        rows.append(torch.cat([row, -torch.ones(per_row - len(row), *row.shape[1:])]))
+    grid = make_grid((torch.cat(rows) + 1) / 2, nrow=per_row, padding=1, pad_value=1.0)
+    grid = grid.permute(1, 2, 0).clamp(0, 1).numpy()
+    fig = Figure(figsize=(0.45 * per_row + 1.2, 0.45 * len(rows) + 0.6), dpi=150)
+    ax = fig.subplots()
+    ax.imshow(
+        grid[..., 0] if grid.shape[-1] == 1 or (grid[..., 0] == grid[..., 1]).all() else grid,
+        cmap="gray",
+        vmin=0,
+        vmax=1,
+        interpolation="nearest",
+    )
+    row_h = grid.shape[0] / len(rows)
+    ax.set_yticks([row_h * (i + 0.5) for i in range(len(rows))], list(samples), fontsize=7)
+    ax.set_xticks([])
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def report_line(name: str, results: dict[str, dict]) -> str:
+    """One human-readable line per model: P(y = c_f) with no attack and under each attack."""
+    parts = [f"none {results['none']['p_forget']:.3f}"]
+    for attack, r in results.items():
+        if attack == "none":
+            continue
+        text = f"{attack} {r['p_forget']:.3f}"
+        if "steps_to_threshold" in r:
+            s = r["steps_to_threshold"]
+            text += f" (P ≥ 0.5 at step {s})" if s is not None else f" (P < 0.5 for {r['steps']} steps)"
+        parts.append(text)
+    return f"{name}: P(y=c_f) " + ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------- the job
+def list_models(specs: list[str]) -> dict[str, str]:
+    """``--model`` arguments (files or folders of ``*.safetensors``) → {name (file stem): path}."""
+    models: dict[str, str] = {}
+    for spec in specs:
+        if os.path.isdir(spec):
+            files = sorted(f for f in os.listdir(spec) if f.endswith(".safetensors"))
+            if not files:
+                raise UsageError(f"no .safetensors models in {spec}")
+            paths = [os.path.join(spec, f) for f in files]
+        elif os.path.isfile(spec):
+            paths = [spec]
+        else:
+            raise UsageError(f"model not found: {spec}")
+        for path in paths:
+            name = os.path.splitext(os.path.basename(path))[0]
+            if name in models:
+                raise UsageError(f"two models are named {name!r} ({models[name]}, {path}); rename one")
+            models[name] = path
+    return models
+
+
+def attack_ddpm(
+    data_spec: str,
+    models: list[str],
+    classifier_path: str,
+    forget_class: int,
+    out: str,
+    *,
+    attacks: tuple[str, ...] = ATTACKS,
+    budget: Budget | None = None,
+    image_size: int = 32,
+    device: str = "auto",
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, dict[str, dict]]:
+    """``constrained-opt attack ddpm``: attack each model; returns {model: {attack: record}}.
+
+    One model: ``out/attack.json`` ({attack: record}), ``out/attack_samples.png``, ``out/report.md``.
+    Several (``models`` holds folders or several files): the same two files in ``out/<model>/`` for each,
+    plus ``out/attacks.json`` ({model: {attack: record}}) and ``out/report.md`` with one row per model.
+    ``out/state/<model>.json`` keeps each model's results; ``resume`` skips the models already attacked
+    with the same checkpoint, attacks and budget. Every input is loaded and checked before anything is
+    written.
+    """
+    from .data import load_data
+    from .ddpm import check_output_dir, resolve_device
+    from .models import check_classifier_matches, check_unet_matches, load_classifier, load_unet
+
+    budget = budget or Budget()
+    check_output_dir(out)
+    dev = resolve_device(device)
+    data = load_data(data_spec, image_size)
+    check_class(forget_class, data.num_classes)
+    paths = list_models(models)
+    unets = {}
+    for name, path in paths.items():
+        unet, _ = load_unet(path)
+        check_unet_matches(unet, data.image_shape, data.num_classes, path)
+        unets[name] = unet.to(dev).eval()
+    classifier, _ = load_classifier(classifier_path)
+    check_classifier_matches(classifier, data.image_shape, data.num_classes, classifier_path)
+    classifier = classifier.to(dev)
+    split_forget(data, forget_class)
+    for n in (
+        budget.num_images if {"inversion", "mixture"} & set(attacks) else 0,
+        budget.relearn_images if "relearn" in attacks else 0,
+    ):
+        if n > int((data.labels == forget_class).sum()):
+            raise UsageError(f"attack budget asks for {n} images of class {forget_class}, the data has fewer")
+
+    single = len(unets) == 1
+    everything, lines = {}, []
+    for name, unet in unets.items():
+        folder = out if single else os.path.join(out, name)
+        state = os.path.join(out, "state", f"{name}.json")
+        results, samples = cached_attack(
+            paths[name],
+            classifier,
+            data,
+            forget_class,
+            attacks,
+            budget,
+            state,
+            resume=resume,
+            unet=unet,
+            progress=progress,
+        )
+        if samples is not None:  # else reused: its files are there from the previous run
+            write_json(os.path.join(folder, "attack.json"), results)
+            save_attack_grid(
+                os.path.join(folder, "attack_samples.png"),
+                samples,
+                f"{name}: samples for class {forget_class} under each attack (seed {budget.seed})",
+            )
+        everything[name] = results
+        lines.append(report_line(name, results))
+        print(lines[-1], flush=True)
+    if not single:
+        write_json(os.path.join(out, "attacks.json"), everything)
+    rows = {name: {"p_forget": r["none"]["p_forget"], **summary(r)} for name, r in everything.items()}
+    settings = {
+        "data": data_spec,
+        "forget class": forget_class,
+        "models": paths,
+        **dataclasses.asdict(budget),
+    }
+    text = ["# Attacks on the erased class", "", "## Settings", ""]
+    text += [f"- {k}: `{v}`" for k, v in settings.items()]
+    text += ["", "## P(y = c_f) under attack", "", attack_table(rows), *(f"- {line}" for line in lines)]
+    write_text(os.path.join(out, "report.md"), "\n".join(text) + "\n")
+    return everything
