@@ -31,10 +31,20 @@ ITEMS = (
     "comparison_mnist5k",
     "sa_fisher",
     "robustness",
+    "robustness_published",
 )
-SLOW = ("sa_budget", "ddpm_multiclass", "comparison", "ablation", "comparison_mnist5k", "robustness")
+SLOW = (
+    "sa_budget",
+    "ddpm_multiclass",
+    "comparison",
+    "ablation",
+    "comparison_mnist5k",
+    "robustness",
+    "robustness_published",
+)
 DEFAULT = tuple(item for item in ITEMS if item not in SLOW)
-MODULE = {"ablation": "comparison", "comparison_mnist5k": "comparison"}  # items sharing a module
+# items sharing a module
+MODULE = {"ablation": "comparison", "comparison_mnist5k": "comparison", "robustness_published": "robustness"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,7 +67,12 @@ def main(argv: list[str] | None = None) -> None:
         help="comparison items: folder for the demo outputs (models, samples; resumable; default "
         "runs/benchmarks); robustness: models and per-run results (default runs/benchmarks/robustness)",
     )
-    parser.add_argument("--models", nargs="+", help="robustness: attack these demo output folders' models")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        help="robustness items: attack these demo output folders' models "
+        "(robustness_published: default runs/benchmarks/comparison)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     suffix = f"_{device.type}" if device.type != "cpu" else ""
@@ -68,13 +83,16 @@ def main(argv: list[str] | None = None) -> None:
             extra = {"config": item, "work": args.work or "runs/benchmarks"}
         if item == "robustness":
             extra = {"work": args.work or "runs/benchmarks/robustness", "models": args.models}
+        if item == "robustness_published":  # the comparison item's models (run it first)
+            models = args.models or [module.PUBLISHED_MODELS]
+            extra = {"work": args.work or "runs/benchmarks/robustness_published", "models": models}
         payload = module.run(device, args.smoke, **extra)
         command = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
         meta = {"device": str(device), "smoke": args.smoke, "command": command}
         path = write_result(item + suffix, {**meta, **payload}, args.out)
         print(f"wrote {path}")
         if hasattr(module, "update_doc") and not args.smoke:
-            module.update_doc(payload, command)  # its own page (docs/robustness.md), not benchmarks.md
+            module.update_doc(payload, command, item)  # its own page (docs/robustness.md)
     if not (args.smoke or args.no_docs):
         from .report import write_docs
 

@@ -163,14 +163,17 @@ def test_demo_rejects_unknown_baselines_before_writing(tmp_path, capsys):
     assert main(["demo", "--methods", "moo,magic", "--out", str(out), "--quiet"]) == 2
     assert "unknown method 'magic'" in capsys.readouterr().err and not out.exists()
     for bad, message in (
-        (["--variant", "x=moo:forget_weight=-1"], "forget_weight must be ≥ 0"),
+        (["--variant", "x=moo:forget_weight=-1"], "forget_weight must be a finite number ≥ 0"),
         (["--budget", "moo=10"], "STEPSxBATCH"),
         (["--budget", "salun=10x8"], "not run"),
-        (["--seeds", "0"], "--seeds must be ≥ 1"),
         (["--data", "cifar10:/x"], "the demo runs on digits or mnist5k"),
     ):
         assert main(["demo", "--methods", "moo", "--out", str(out), "--quiet", *bad]) == 2
         assert message in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit) as exit_info:  # checked by argparse, as every count option
+        main(["demo", "--methods", "moo", "--out", str(out), "--quiet", "--seeds", "0"])
+    assert exit_info.value.code == 2 and "--seeds: expected an integer ≥ 1, got 0" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_entry_point_process_exit_codes(tmp_path):

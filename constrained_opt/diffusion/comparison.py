@@ -134,6 +134,15 @@ def _is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _shared_settings(records: list[dict]) -> dict:
+    """``hparams`` as the seeds ran them: one dict when equal on every seed, else one per seed
+    (``hparams_per_seed``: MOO at EraseDiff's mean λ has its own weight on each seed)."""
+    if "hparams" not in records[0]:
+        return {}
+    values = [r.get("hparams") for r in records]
+    return {"hparams": values[0]} if all(v == values[0] for v in values) else {"hparams_per_seed": values}
+
+
 def aggregate(per_seed: list[dict[str, dict]], histories: dict[str, list[list[dict]]]) -> dict[str, dict]:
     """Summarise seeds: ``{label: {metric: mean, ..., "ci95": {metric: half-width}, "n_seeds": n,
     "gap_to_retrain": {metric: mean |m − m_retrain|}, "gap_ci95": {...}, "lambda": {...}}}``.
@@ -142,7 +151,8 @@ def aggregate(per_seed: list[dict[str, dict]], histories: dict[str, list[list[di
     half-widths stored in the seed's record (key ``ci95``), if any, and a gap's half-width is
     √(h² + h_retrain²) (independent samples). A label whose evaluation failed on some seed
     (``{"failed": reason}``) is summarised as ``{"failed": reasons, "n_seeds": n}``, and no model has
-    a gap to a Retrain row that failed; its costs (time, memory) and hyperparameters are kept.
+    a gap to a Retrain row that failed; its costs (time, memory) and hyperparameters are kept. A figure
+    that is None on every seed stays None; one that is None on some seeds only is left out.
     """
     labels = list(per_seed[0])
     n = len(per_seed)
@@ -160,11 +170,15 @@ def aggregate(per_seed: list[dict[str, dict]], histories: dict[str, list[list[di
         if failed[label]:  # what the runs cost is still known; the metrics are not
             costs = [k for k, v in records[0].items() if _is_number(v) and all(k in r for r in records)]
             row = {k: statistics.fmean([r[k] for r in records]) for k in costs}
-            extra = {"hparams": records[0]["hparams"]} if "hparams" in records[0] else {}
-            out[label] = {**row, **extra, "failed": failed[label], "n_seeds": n}
+            out[label] = {**row, **_shared_settings(records), "failed": failed[label], "n_seeds": n}
             continue
         keys = [k for k in records[0] if all(_is_number(r.get(k)) for r in records)]
         row: dict = {k: statistics.fmean([r[k] for r in records]) for k in keys}
+        # a figure that is None on every seed stays None (an attack's step count beyond its budget)
+        row.update(
+            {k: None for k, v in records[0].items() if v is None and all(r.get(k) is None for r in records)}
+        )
+        row.update(_shared_settings(records))
         if n > 1:
             row["ci95"] = {k: mean_ci95([r[k] for r in records])[1] for k in keys}
         elif "ci95" in records[0]:

@@ -761,14 +761,6 @@ def demo(
         defaults = base_checkpoints(data, train, seed, cache, device, progress)
         unet_path, clf_path = checkpoint or defaults[0], classifier or defaults[1]
     unet, clf, _ = load_checked(image_data, unet_path, clf_path, dev)
-    references = {"base": unet_path}
-    if retrain:
-        references["retrain"] = (
-            retrain
-            if isinstance(retrain, str)
-            else retrain_checkpoint(data, forget_class, unet_path, cache, device, progress)
-        )
-        load_checked(image_data, references["retrain"], None, dev)
     ctx = DemoContext(
         image_data,
         data,
@@ -776,7 +768,7 @@ def demo(
         unet,
         clf,
         clf_path,
-        references,
+        {"base": unet_path},
         runs,
         lr,
         es,
@@ -787,8 +779,16 @@ def demo(
         {"data": data, "base": _file_digest(unet_path)},
         attacks,
     )
-    if resume:
+    if resume:  # before the Retrain reference, which may take as long as the base model to train
         check_done_rows(ctx, range(seed, seed + seeds), out)
+    if retrain:
+        ctx.references["retrain"] = (
+            retrain
+            if isinstance(retrain, str)
+            else retrain_checkpoint(data, forget_class, unet_path, cache, device, progress)
+        )
+        load_checked(image_data, ctx.references["retrain"], None, dev)
+    references = ctx.references
 
     per_seed, histories = [], {}
     for s in range(seed, seed + seeds):
