@@ -162,7 +162,7 @@ def _sa_fisher(res: dict, suffix: str) -> list[str]:
     from .sa_fisher import markdown
 
     return [
-        f"## 9. sa_fisher: the scale of SA's released Fisher{suffix}",
+        f"## 14. sa_fisher: the scale of SA's released Fisher{suffix}",
         "",
         _machine(res),
         "",
@@ -172,9 +172,9 @@ def _sa_fisher(res: dict, suffix: str) -> list[str]:
 
 
 COMPARISON_TITLES = {
-    "comparison": "6. comparison: digits, 3 seeds, published budgets",
-    "ablation": "7. ablation: EraseDiff's inner loop through the outer Adam, and the literal η coupling",
-    "comparison_mnist5k": "8. comparison on mnist5k: one seed, bootstrap intervals",
+    "comparison": "11. comparison: digits, 3 seeds, published budgets",
+    "ablation": "12. ablation: EraseDiff's inner loop through the outer Adam, and the literal η coupling",
+    "comparison_mnist5k": "13. comparison on mnist5k: one seed, bootstrap intervals",
 }
 
 

@@ -81,7 +81,7 @@ def test_comparison_smoke_reports_intervals_gaps_and_floors(tmp_path):
         "before\n<!-- BEGIN comparison -->\nold\n<!-- END comparison -->\nafter\n"
     )
     text = Path(write_docs(str(tmp_path), docs_dir=str(docs), include_smoke=True)).read_text()
-    assert "## 6. comparison" in text and "Gap to Retrain" in text and "Interval verdicts" in text
+    assert "## 11. comparison" in text and "Gap to Retrain" in text and "Interval verdicts" in text
     results = (docs / "results.md").read_text()
     assert results.startswith("before\n<!-- BEGIN comparison -->") and results.endswith(
         "<!-- END comparison -->\nafter\n"
