@@ -34,6 +34,7 @@ ITEMS = (
     "robustness_published",
 )
 SLOW = (
+    "unlearning",  # its earlier result measured the superseded SalUn/SA; not rerun (CPU hours)
     "sa_budget",
     "ddpm_multiclass",
     "comparison",

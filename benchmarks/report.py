@@ -53,7 +53,8 @@ def _step_overhead(res: dict, suffix: str) -> list[str]:
         "the ratio of the fastest rounds is given as well. What remains above 1 is memory traffic that a",
         "plain step does not have: zeroing both rows, accumulating into them (autograd steals a fresh",
         "gradient when `.grad` is None), the Gram pass, the δ axpy, and for K ≥ 1 θ's copy and restore;",
-        "about ten passes over n, visible at the 35.7M model's batch of 4 on CPU.",
+        "about ten passes over n. Rows whose median misses the target while the fastest rounds meet it",
+        "(digits, K = 2) differ from the floor by less than the run-to-run noise of this machine.",
         "",
         "| model | params | batch | K | step / (closures + base step) | same, fastest rounds "
         "| step / closures |",
