@@ -18,6 +18,7 @@ from constrained_opt.diffusion.models import (
     SHIPPED_UNET,
     Classifier,
     build_unet,
+    check_classifier_matches,
     check_unet_matches,
     load_classifier,
     load_unet,
@@ -141,6 +142,20 @@ def test_shipped_checkpoints_load_and_match_digits(digits):
     assert record["exclude_class"] == 0 and record["images"] == int((digits.labels != 0).sum())
     assert {k: record[k] for k in same_recipe} == {k: load_unet(SHIPPED_UNET)[1][k] for k in same_recipe}
     assert shipped("digits", "retrain", 7) is None and shipped("cifar10", "unet") is None
+
+
+def test_shipped_mnist5k_checkpoints_share_one_recipe_and_the_retrain_lacks_class_0():
+    data = load_data("mnist5k")
+    unet, base = load_unet(shipped("mnist5k", "unet"))
+    check_unet_matches(unet, data.image_shape, 10, "mnist5k unet")
+    classifier, record = load_classifier(shipped("mnist5k", "classifier"))
+    check_classifier_matches(classifier, data.image_shape, 10, "mnist5k classifier")
+    assert record["data"] == "mnist5k" and record["val_accuracy"] > 0.95
+    retrain, record = load_unet(shipped("mnist5k", "retrain", 0))
+    check_unet_matches(retrain, data.image_shape, 10, "mnist5k retrain")
+    same_recipe = ("preset", "seed", "steps", "batch_size", "lr", "ema_decay")
+    assert record["exclude_class"] == 0 and record["images"] == int((data.labels != 0).sum())
+    assert {k: record[k] for k in same_recipe} == {k: base[k] for k in same_recipe}
 
 
 def test_mnist5k_is_the_embedded_28x28_set_with_500_images_per_class():
