@@ -431,6 +431,14 @@ def write_results_tables(results: str, docs_dir: str = DOCS, include_smoke: bool
     return path
 
 
+# Why an item has no stored result (shown in its stub).
+_SUPERSEDED = " (its earlier result measured SalUn and SA before they followed their released code"
+NOT_MEASURED = {
+    "unlearning": _SUPERSEDED + " and was removed; the rerun takes CPU hours)",
+    "sa_budget": _SUPERSEDED + " and was removed; SA's 20000 steps take hours per seed on 2 cores)",
+}
+
+
 def write_docs(results: str, docs_dir: str = DOCS, include_smoke: bool = False) -> str:
     """Write ``docs_dir/benchmarks.md`` (and ``docs_dir/img/*.png``) from ``results/*.json``, and the
     comparison tables of ``docs_dir/results.md``."""
@@ -453,10 +461,11 @@ def write_docs(results: str, docs_dir: str = DOCS, include_smoke: bool = False) 
                 lines += section(res, suffix)
                 found = True
         if not found:
-            lines += [f"## {item}", "", f"Not measured yet: run `{COMMAND} --only {item}`.", ""]
+            why = NOT_MEASURED.get(item, "")
+            lines += [f"## {item}", "", f"Not measured yet{why}: run `{COMMAND} --only {item}`.", ""]
     if not any(_load(results, item + "_cuda") for item in SECTIONS):
         lines += [
-            "## 5. GPU",
+            "## GPU",
             "",
             "Not measured yet: no CUDA results in this folder. On a CUDA machine, `bash benchmarks/gpu.sh`",
             "runs items 1–3 there (under 8 minutes) and adds `*_cuda.json` sections to this page.",
