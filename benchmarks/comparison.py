@@ -174,21 +174,6 @@ def lambda_lines(metrics: dict) -> list[str]:
     return lines
 
 
-def floor_lines(floor: dict) -> list[str]:
-    halves = floor["real_halves"]
-    lines = [
-        f"- Real data vs itself ({floor['n_real']} real remaining-class images split into random halves, "
-        f"10 splits): FID {halves['fid']['mean']:.3f} (sd {halves['fid']['sd']:.3f}), precision "
-        f"{halves['precision']['mean']:.3f} (sd {halves['precision']['sd']:.3f}), recall "
-        f"{halves['recall']['mean']:.3f} (sd {halves['recall']['sd']:.3f})."
-    ]
-    spread = floor.get("base_over_seeds") or {}
-    if spread:
-        cells = ", ".join(f"{k} ±{spread[k]:.3f}" for k in VERDICT_METRICS if k in spread)
-        lines.append(f"- The base model re-evaluated with each seed's samples (95% half-widths): {cells}.")
-    return lines
-
-
 STAGE_COSTS = ("time_s", "prep_s", "peak_mem_mb")  # the reference models have no unlearning stage
 
 
@@ -205,6 +190,7 @@ def _references_without_costs(metrics: dict[str, dict]) -> dict[str, dict]:
 
 def markdown(result: dict) -> str:
     """The item's section of docs/benchmarks.md and docs/results.md (tables rendered from the metrics)."""
+    from constrained_opt.diffusion.ddpm import noise_floor_notes
     from constrained_opt.diffusion.report import gap_table, metrics_table
 
     metrics = _references_without_costs(result["metrics"])
@@ -216,7 +202,7 @@ def markdown(result: dict) -> str:
             gap_table(metrics),
             "Noise floors:",
             "",
-            *floor_lines(result["noise_floor"]),
+            *(f"- {note}" for note in noise_floor_notes(result["noise_floor"])),
             "",
             "Multiplier λ:",
             "",

@@ -839,12 +839,15 @@ def demo(
 
 
 def noise_floor_notes(floor: dict) -> list[str]:
+    """The noise floors as sentences: the metrics between two halves of the real data, and (several
+    seeds) the base model's 95% half-widths over the evaluation seeds."""
     halves = floor["real_halves"]
+    figures = ", ".join(
+        f"{k} {halves[k]['mean']:.3f} (sd {halves[k]['sd']:.3f})" for k in ("fid", "precision", "recall")
+    )
     notes = [
         f"Noise floor, real data: between two random disjoint halves of the {floor['n_real']} real "
-        f"remaining-class images (10 splits), FID {halves['fid']['mean']:.3f} "
-        f"± {halves['fid']['sd']:.3f} (sd), "
-        f"precision {halves['precision']['mean']:.3f}, recall {halves['recall']['mean']:.3f}.",
+        f"remaining-class images (10 splits): {figures}."
     ]
     if floor["base_over_seeds"]:
         spread = ", ".join(f"{k} ±{v:.3f}" for k, v in floor["base_over_seeds"].items() if k in METRICS)
