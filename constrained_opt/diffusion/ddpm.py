@@ -804,6 +804,7 @@ def demo(
         "n_real": len(real),
         "evaluation": asdict(es),
         "base_over_seeds": summary["base"].get("ci95", {}),
+        "n_seeds": seeds,
     }
     write_json(os.path.join(out, "noise_floor.json"), floor)
     write_json(os.path.join(out, "metrics.json"), summary)
@@ -839,8 +840,8 @@ def demo(
 
 
 def noise_floor_notes(floor: dict) -> list[str]:
-    """The noise floors as sentences: the metrics between two halves of the real data, and (several
-    seeds) the base model's 95% half-widths over the evaluation seeds."""
+    """The noise floors as sentences: the metrics between two halves of the real data, and the base
+    model's 95% half-widths (over the evaluation seeds; with one seed, the bootstrap's)."""
     halves = floor["real_halves"]
     figures = ", ".join(
         f"{k} {halves[k]['mean']:.3f} (sd {halves[k]['sd']:.3f})" for k in ("fid", "precision", "recall")
@@ -851,7 +852,10 @@ def noise_floor_notes(floor: dict) -> list[str]:
     ]
     if floor["base_over_seeds"]:
         spread = ", ".join(f"{k} ±{v:.3f}" for k, v in floor["base_over_seeds"].items() if k in METRICS)
-        notes.append(f"Noise floor, evaluation seeds: the base model's 95% half-widths over seeds: {spread}.")
+        if floor.get("n_seeds", 2) > 1:
+            notes.append(f"Noise floor, evaluation seeds: the base model's 95% half-widths: {spread}.")
+        else:  # one seed: the half-widths are the bootstrap's over the evaluation samples
+            notes.append(f"Noise floor, sampling: the base model's 95% bootstrap half-widths: {spread}.")
     return notes
 
 
