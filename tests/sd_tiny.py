@@ -197,6 +197,18 @@ def build_clip(path: str) -> str:
     return path
 
 
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny SD v1 pipeline saved once per test module (use as ``model = sd_tiny.model``)."""
+    return build_pipeline(str(tmp_path_factory.mktemp("sd") / "pipe"))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A cache folder shared by one test module's runs (use as ``cache = sd_tiny.cache``)."""
+    return str(tmp_path_factory.mktemp("sd-cache"))
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """The tiny models run fastest on one intra-op thread (and do not spin on a busy 2-core machine)."""

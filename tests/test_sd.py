@@ -18,15 +18,8 @@ from constrained_opt.diffusion.sd.loading import SD14_UNET_CONFIG
 
 one_thread = sd_tiny.one_thread  # autouse: the tiny models run fastest on one intra-op thread
 
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return sd_tiny.build_pipeline(str(tmp_path_factory.mktemp("sd") / "pipe"))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("sd-cache"))
+model = sd_tiny.model
+cache = sd_tiny.cache
 
 
 run, unet_params, changed = sd_tiny.cli, sd_tiny.unet_params, sd_tiny.changed

@@ -15,15 +15,8 @@ from constrained_opt.diffusion.sd import lora
 
 one_thread = sd_tiny.one_thread  # autouse: the tiny models run fastest on one intra-op thread
 
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return sd_tiny.build_pipeline(str(tmp_path_factory.mktemp("sd") / "pipe"))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("sd-cache"))
+model = sd_tiny.model
+cache = sd_tiny.cache
 
 
 cli = sd_tiny.cli
