@@ -516,6 +516,7 @@ class DemoContext:
     unet: object
     classifier: object
     classifier_path: str
+    classifier_digest: str  # SHA-256 of the classifier file: part of every row's configuration
     references: dict[str, str]  # "base"/"retrain" → checkpoint path
     runs: list[Run]
     lr: float
@@ -535,7 +536,7 @@ def evaluate_reference(ctx: DemoContext, name: str, es: EvalSettings) -> dict:
     key = _eval_key(
         "no-fake-zeros",
         _file_digest(path),
-        _file_digest(ctx.classifier_path),
+        ctx.classifier_digest,
         asdict(es),
         ctx.forget_class,
         ctx.bootstrap,
@@ -575,15 +576,20 @@ def run_job(ctx: DemoContext, run: Run, seed: int, hparams: dict) -> tuple[Unlea
     settings, the data, base model and classifier digests, the evaluation settings)."""
     job = UnlearnJob(run.method, ctx.forget_class, run.steps, run.batch_size, ctx.lr, seed, hparams)
     evaluation = asdict(dataclasses.replace(ctx.es, seed=seed))
-    config = {**job.config(**ctx.inputs), "classifier": _file_digest(ctx.classifier_path)}
+    config = {**job.config(**ctx.inputs), "classifier": ctx.classifier_digest}
     return job, {**config, "evaluation": evaluation}
+
+
+def seed_dir(out: str, seed: int, n_seeds: int) -> str:
+    """Where a seed's models, samples and state go: ``out`` itself for one seed, else ``out/seed<s>``."""
+    return out if n_seeds == 1 else os.path.join(out, f"seed{seed}")
 
 
 def check_done_rows(ctx: DemoContext, seeds: range, out: str) -> None:
     """Before anything runs: every finished row that ``--resume`` would reuse was made with this
     configuration (a MATCHED row, whose weight comes from EraseDiff's run, is checked when reused)."""
     for seed in seeds:
-        state_dir = os.path.join(out if len(seeds) == 1 else os.path.join(out, f"seed{seed}"), "state")
+        state_dir = os.path.join(seed_dir(out, seed, len(seeds)), "state")
         for run in ctx.runs:
             done = os.path.join(state_dir, f"{run.label}.json")
             if run.label != MATCHED and os.path.isfile(done):
@@ -768,6 +774,7 @@ def demo(
         unet,
         clf,
         clf_path,
+        _file_digest(clf_path),
         {"base": unet_path},
         runs,
         lr,
@@ -792,8 +799,7 @@ def demo(
 
     per_seed, histories = [], {}
     for s in range(seed, seed + seeds):
-        seed_out = out if seeds == 1 else os.path.join(out, f"seed{s}")
-        results, hist = run_seed(ctx, s, seed_out)
+        results, hist = run_seed(ctx, s, seed_dir(out, s, seeds))
         per_seed.append(results)
         for label, h in hist.items():
             histories.setdefault(label, []).append(h)
