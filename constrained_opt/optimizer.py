@@ -31,18 +31,10 @@ from torch.amp.grad_scaler import OptState
 from . import functional as F
 from . import rules as R
 from ._flat import CONSTRAINT_ROW, Bucket, FlatLayout
+from .errors import ClosureError, OptimizerError, SettingError, UpdateError
 
 Closure = Callable[[], Tensor]
 Hyperparameter = float | Sequence[float] | Mapping[str, float]
-
-
-class ClosureError(ValueError):
-    """A closure returned something the optimizer cannot differentiate or trust."""
-
-
-class UpdateError(ValueError):
-    """The rule produced a coefficient or an update that would write a non-finite value into θ or the
-    base optimizer's state. Nothing was changed."""
 
 
 class Closures(NamedTuple):
