@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import SettingError
+
 CONSTRAINT_ROW = 0  # the first constraint row; θ's snapshot across the base step
 RETAIN_ROW = 1  # the retain row of a two-row buffer (in general the last row)
 
@@ -191,7 +193,7 @@ class FlatLayout:
         for gi, group in enumerate(param_groups):
             for p in group["params"]:
                 if id(p) in seen:
-                    raise ValueError(
+                    raise SettingError(
                         f"a parameter of shape {tuple(p.shape)} appears twice in the param groups "
                         f"(group {gi}); its gradient would be counted twice in every inner product: pass "
                         "each parameter once"
@@ -204,7 +206,7 @@ class FlatLayout:
                         raise TypeError("sparse parameters are not supported by the flat gradient buffers")
                     by_key.setdefault((p.device, p.dtype, _sharding(p)), []).append((gi, p))
         if not by_key:
-            raise ValueError("no trainable parameters: every parameter has requires_grad=False")
+            raise SettingError("no trainable parameters: every parameter has requires_grad=False")
         self.buckets = [self._bucket(*key, entries, rows) for key, entries in by_key.items()]
         self.params = [p for b in self.buckets for p in b.params]
         self.param_ids = frozenset(id(p) for p in self.params)

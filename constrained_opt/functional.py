@@ -18,6 +18,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .errors import SettingError
+
 _HALF = (torch.float16, torch.bfloat16)
 # Columns per pass of gram_rows when two rows are promoted to fp32 (2 x 4M x 4 B = 32 MiB), so the
 # accumulation is wide without a full-size copy; k rows promoted to b bytes take 8 * _PASS / (k * b) columns.
@@ -34,32 +36,59 @@ _BLOCKED_MIN_COLUMNS = 1 << 23
 MAX_CONSTRAINTS = 8
 
 
-class Gram(NamedTuple):
-    """Inner products of the constraint gradients F (rows ∇g_i) and the retain gradient r:
-    ``gg = FFᵀ``, ``rr = r·r``, ``gr = Fr``. For m = 1 all three are 0-dim (f·f, r·r, f·r)."""
+class Gram:
+    """The (m+1)×(m+1) Gram of the constraint gradients F (rows ∇g_i) and the retain gradient r,
+    constraint rows first, retain row last: ``[[FFᵀ, Fr], [rᵀFᵀ, r·r]]``.
 
-    gg: Tensor
-    rr: Tensor
-    gr: Tensor
+    It has one form, the matrix; ``gg = FFᵀ``, ``rr = r·r`` and ``gr = Fr`` are views into it (0-dim for
+    m = 1: f·f, r·r, f·r, exactly as the closed form of Theorem 3.1 uses them). ``Gram(gg, rr, gr)``
+    assembles the matrix from its blocks; :meth:`of` wraps a matrix without a copy. Unpacks as
+    ``gg, rr, gr = gram``.
+    """
 
-    def __add__(self, other: Gram) -> Gram:  # type: ignore[override]
-        return Gram(self.gg + other.gg, self.rr + other.rr, self.gr + other.gr)
+    __slots__ = ("_matrix", "gg", "gr", "rr")
+
+    def __init__(self, gg: Tensor, rr: Tensor, gr: Tensor) -> None:
+        m = 1 if gg.dim() == 0 else gg.shape[-1]
+        top = torch.cat([gg.reshape(m, m), gr.reshape(m, 1)], 1)
+        self._set(torch.cat([top, torch.cat([gr.reshape(1, m), rr.reshape(1, 1)], 1)], 0))
+
+    @classmethod
+    def of(cls, matrix: Tensor) -> Gram:
+        """The Gram whose matrix is ``matrix`` (shared, not copied)."""
+        g = cls.__new__(cls)
+        g._set(matrix)
+        return g
+
+    def _set(self, matrix: Tensor) -> None:
+        k = matrix.shape[0] - 1
+        self._matrix = matrix
+        if k == 1:
+            self.gg, self.rr, self.gr = matrix[0, 0], matrix[1, 1], matrix[0, 1]
+        else:
+            self.gg, self.rr, self.gr = matrix[:k, :k], matrix[k, k], matrix[:k, k]
+
+    def __iter__(self):
+        return iter((self.gg, self.rr, self.gr))
+
+    def __add__(self, other: Gram) -> Gram:
+        return Gram.of(self._matrix + other._matrix)
+
+    def __repr__(self) -> str:
+        return f"Gram(gg={self.gg}, rr={self.rr}, gr={self.gr})"
 
     @property
     def m(self) -> int:
         """Number of constraints."""
-        return 1 if self.gg.dim() == 0 else self.gg.shape[-1]
+        return self._matrix.shape[0] - 1
 
     def constraint_sq_norms(self) -> Tensor:
         """‖∇g_i‖²: ``gg`` itself for m = 1, its diagonal otherwise."""
         return self.gg if self.gg.dim() == 0 else self.gg.diagonal(dim1=-2, dim2=-1)
 
     def matrix(self) -> Tensor:
-        """The (m+1)×(m+1) Gram, constraint rows first, retain row last."""
-        gg = self.gg.reshape(self.m, self.m)
-        gr = self.gr.reshape(self.m, 1)
-        top = torch.cat([gg, gr], 1)
-        return torch.cat([top, torch.cat([gr.T, self.rr.reshape(1, 1)], 1)], 0)
+        """The (m+1)×(m+1) Gram, constraint rows first, retain row last (the stored tensor itself)."""
+        return self._matrix
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -103,7 +132,7 @@ def gram_rows(rows: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     for any finite fp32/bf16/fp16 rows).
     """
     if rows.dim() != 2 or rows.shape[0] < 1:
-        raise ValueError(f"gram_rows expects a (k, n) tensor with k >= 1, got shape {tuple(rows.shape)}")
+        raise SettingError(f"gram_rows expects a (k, n) tensor with k >= 1, got shape {tuple(rows.shape)}")
     k, n = rows.shape
     acc = dtype or accumulation_dtype(rows.dtype)
     cpu = rows.device.type == "cpu"
@@ -129,26 +158,27 @@ def gram(constraint_grad: Tensor, retain_grad: Tensor, dtype: torch.dtype | None
     c = constraint_grad if constraint_grad.dim() == 2 else constraint_grad.reshape(1, -1)
     r = retain_grad.reshape(-1)
     if c.shape[1] != r.shape[0]:
-        raise ValueError(
+        raise SettingError(
             f"gradient shapes differ: constraint {tuple(constraint_grad.shape)} vs "
             f"retain {tuple(retain_grad.shape)}; both must be flat vectors over the same parameters"
         )
     acc = dtype or accumulation_dtype(torch.promote_types(constraint_grad.dtype, retain_grad.dtype))
     m = gram_rows(torch.cat([c.to(acc), r.to(acc)[None]]))
-    return gram_from_matrix(m) if constraint_grad.dim() != 2 else _blocks(m)
+    return gram_from_matrix(m) if constraint_grad.dim() != 2 else _matrix_blocks(m)
 
 
-def _blocks(m: Tensor) -> Gram:
+def _matrix_blocks(m: Tensor) -> Gram:
+    """m ≥ 1 constraints with [m, m]/[m] blocks, also for m = 1 (a ``[1, n]`` constraint matrix)."""
+    g = Gram.of(m)
     k = m.shape[0] - 1
-    return Gram(m[:k, :k], m[k, k], m[:k, k])
+    g.gg, g.gr = m[:k, :k], m[:k, k]
+    return g
 
 
 def gram_from_matrix(m: Tensor) -> Gram:
-    """Split the (m+1)×(m+1) matrix of :func:`gram_rows` (constraint rows first, retain row last);
-    a 2×2 matrix gives the 0-dim blocks of the single-constraint closed form."""
-    if m.shape[0] == 2:
-        return Gram(m[0, 0], m[1, 1], m[0, 1])
-    return _blocks(m)
+    """The :class:`Gram` of the (m+1)×(m+1) matrix of :func:`gram_rows` (constraint rows first, retain
+    row last), without a copy; a 2×2 matrix gives the 0-dim blocks of the single-constraint closed form."""
+    return Gram.of(m)
 
 
 class KKTSolution(NamedTuple):
@@ -210,7 +240,7 @@ def kkt_direction(retain_grad: Tensor, constraint_grad: Tensor, a: Tensor | floa
             f"{constraint_grad.dtype}"
         )
     if constraint_grad.dim() == 2 and constraint_grad.shape[0] > MAX_CONSTRAINTS:
-        raise ValueError(too_many_constraints(constraint_grad.shape[0]))
+        raise SettingError(too_many_constraints(constraint_grad.shape[0]))
     g = gram(constraint_grad, retain_grad)
     lam = kkt_multiplier(a, g)
     if g.gg.dtype != torch.float64:
@@ -295,7 +325,7 @@ def dual_qp(gg: Tensor, gr: Tensor, a: Tensor) -> KKTSolution:
     """
     m = gg.shape[-1]
     if m > MAX_CONSTRAINTS + 1:  # the multi-objective rules solve it over all m + 1 rows
-        raise ValueError(too_many_constraints(m))
+        raise SettingError(too_many_constraints(m))
     out_dtype, device = gg.dtype, gg.device
     wide = torch.float64 if device.type != "mps" else torch.float32
     tol_pivot = math.sqrt(torch.finfo(out_dtype).eps)

@@ -25,22 +25,41 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from .errors import SettingError
 from .functional import Gram, safe_cosine
 
 
-class Geometry(NamedTuple):
-    """What a rule may look at: ``gg`` = ‖∇g‖² ([m, m] Gram of the constraint gradients for m
-    constraints), ``rr`` = ‖∇L_r‖², ``gr`` = ∇g·∇L_r ([m]) and the constraint values ``g`` = g(θ_t)
-    ([m]); fp32 or fp64 tensors."""
+class Geometry:
+    """What a rule may look at: the :class:`~constrained_opt.functional.Gram` of the constraint gradients
+    and the retain gradient, and the constraint values ``g`` = g(θ_t) ([m]); fp32 or fp64 tensors.
 
-    gg: Tensor
-    rr: Tensor
-    gr: Tensor
-    g: Tensor
+    ``gg`` = ‖∇g‖² ([m, m] for m constraints), ``rr`` = ‖∇L_r‖² and ``gr`` = ∇g·∇L_r ([m]) are the Gram's
+    own views, so a rule that needs the whole matrix reads ``geometry.gram.matrix()`` without a copy.
+    ``Geometry(gg, rr, gr, g)`` assembles the Gram from its blocks; :meth:`of` takes a Gram as it is.
+    """
+
+    __slots__ = ("g", "gram")
+
+    def __init__(self, gg: Tensor, rr: Tensor, gr: Tensor, g: Tensor) -> None:
+        self.gram, self.g = Gram(gg, rr, gr), g
+
+    @classmethod
+    def of(cls, gram: Gram, g: Tensor) -> Geometry:
+        geometry = cls.__new__(cls)
+        geometry.gram, geometry.g = gram, g
+        return geometry
 
     @property
-    def gram(self) -> Gram:
-        return Gram(self.gg, self.rr, self.gr)
+    def gg(self) -> Tensor:
+        return self.gram.gg
+
+    @property
+    def rr(self) -> Tensor:
+        return self.gram.rr
+
+    @property
+    def gr(self) -> Tensor:
+        return self.gram.gr
 
     @property
     def m(self) -> int:
@@ -240,7 +259,7 @@ def resolve(rule: str | Rule | Callable[[Geometry], Tensor | float]) -> Rule:
         try:
             return RULES[rule]
         except KeyError:
-            raise ValueError(
+            raise SettingError(
                 f"unknown rule {rule!r}; choose one of {sorted(RULES)}, or pass a callable "
                 "geometry -> a_t (or constrained_opt.rules.multiplier(fn) for geometry -> λ)"
             ) from None

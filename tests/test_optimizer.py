@@ -432,7 +432,7 @@ def test_mixed_dtype_buckets_match_reference():
     model.head.float()
     problem = Problem()
     opt = ValueFunctionBilevelOptimizer(model.parameters(), torch.optim.SGD, lr=0.1, inner_steps=0)
-    assert len(opt._current_layout().buckets) == 2
+    assert len(opt._current_layout()[0].buckets) == 2
     xr = problem.xr
 
     def retain():
