@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, help="step_overhead: repetitions per configuration")
     parser.add_argument("--cifar-ks", type=int, nargs="+", help="step_overhead: K values for the 35.7M model")
     parser.add_argument(
+        "--against", help="step_overhead: also time the optimizer of this git revision, in the same rounds"
+    )
+    parser.add_argument(
         "--work",
         help="comparison items: folder for the demo outputs (models, samples; resumable; default "
         "runs/benchmarks); robustness: models and per-run results (default runs/benchmarks/robustness)",
@@ -79,7 +82,11 @@ def main(argv: list[str] | None = None) -> None:
     suffix = f"_{device.type}" if device.type != "cpu" else ""
     for item in args.only:
         module = importlib.import_module(f".{MODULE.get(item, item)}", __package__)
-        extra = {"rounds": args.rounds, "cifar_ks": args.cifar_ks} if item == "step_overhead" else {}
+        extra = (
+            {"rounds": args.rounds, "cifar_ks": args.cifar_ks, "against": args.against}
+            if item == "step_overhead"
+            else {}
+        )
         if module.__name__.endswith(".comparison"):
             extra = {"config": item, "work": args.work or "runs/benchmarks"}
         if item == "robustness":

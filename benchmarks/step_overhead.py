@@ -4,26 +4,32 @@ Both sides run the same passes on the same batches: K forward+backward passes of
 (at least one), one forward of it at φ^K when K ≥ 1, one forward+backward of the retain closure.
 The denominator adds one plain base-optimizer step (the numerator contains one), so the ratio is
 what EraseDiff's orchestration and projection cost on top of work any training loop would do.
+
+``against``: the optimizer of another git revision is timed in the same rounds (``opt_step_at_REV``),
+and ``ratio_against`` is new over old (a refactor must stay within noise of 1).
 """
 
 from __future__ import annotations
 
 import statistics
+from types import ModuleType
 
 import torch
 
 from constrained_opt import ValueFunctionBilevelOptimizer
 
 from .common import denoiser_problem, interleaved_times
+from .revision import core_at
 
 BATCH = {"tiny": 4, "digits": 64, "cifar10": 4}
 
 
-def measure(preset: str, inner_steps: int, device: torch.device, rounds: int) -> dict:
+def measure(
+    preset: str, inner_steps: int, device: torch.device, rounds: int, against: ModuleType | None = None
+) -> dict:
     unet, retain, forget = denoiser_problem(preset, BATCH[preset], device)
-    opt = ValueFunctionBilevelOptimizer(
-        unet.parameters(), torch.optim.Adam, lr=1e-4, inner_steps=inner_steps, inner_lr=1e-4
-    )
+    settings = {"lr": 1e-4, "inner_steps": inner_steps, "inner_lr": 1e-4}
+    opt = ValueFunctionBilevelOptimizer(unet.parameters(), torch.optim.Adam, **settings)
 
     def closures():
         for _ in range(max(inner_steps, 1)):
@@ -42,17 +48,26 @@ def measure(preset: str, inner_steps: int, device: torch.device, rounds: int) ->
         opt.base_optimizer.step()
         unet.zero_grad(set_to_none=True)
 
-    times = interleaved_times(
-        {
-            "opt_step": lambda: opt.step(retain, forget),
-            "closures": closures_only,
-            "closures_plus_base_step": closures_and_base_step,
-        },
-        rounds,
-        device,
-    )
+    fns = {
+        "opt_step": lambda: opt.step(retain, forget),
+        "closures": closures_only,
+        "closures_plus_base_step": closures_and_base_step,
+    }
+    if against is not None:
+        old = against.ValueFunctionBilevelOptimizer(unet.parameters(), torch.optim.Adam, **settings)
+        fns[f"opt_step_at_{against.revision}"] = lambda: old.step(retain, forget)
+    times = interleaved_times(fns, rounds, device)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     fastest = {name: min(ts) for name, ts in times.items()}
+    compared = {}
+    if against is not None:
+        old_name = f"opt_step_at_{against.revision}"
+        compared = {
+            "against": against.revision,
+            "ratio_against": medians["opt_step"] / medians[old_name],
+            "ratio_against_of_minima": fastest["opt_step"] / fastest[old_name],
+            "ratio_at_revision": medians[old_name] / medians["closures_plus_base_step"],
+        }
     return {
         "model": preset,
         "params": sum(p.numel() for p in unet.parameters()),
@@ -63,23 +78,31 @@ def measure(preset: str, inner_steps: int, device: torch.device, rounds: int) ->
         "ratio_vs_closures_only": medians["opt_step"] / medians["closures"],
         "min_seconds": fastest,
         "ratio_of_minima": fastest["opt_step"] / fastest["closures_plus_base_step"],
+        **compared,
     }
 
 
 def run(
-    device: torch.device, smoke: bool, rounds: int | None = None, cifar_ks: list[int] | None = None
+    device: torch.device,
+    smoke: bool,
+    rounds: int | None = None,
+    cifar_ks: list[int] | None = None,
+    against: str | None = None,
 ) -> dict:
-    """``rounds`` overrides the repetitions; ``cifar_ks`` restricts K for the 35.7M model (CPU time)."""
+    """``rounds`` overrides the repetitions; ``cifar_ks`` restricts K for the 35.7M model (CPU time);
+    ``against`` a git revision whose optimizer is timed in the same rounds."""
+    baseline = core_at(against) if against else None
     presets = ["tiny"] if smoke else ["digits", "cifar10"]
     ks = [0, 1] if smoke else [0, 1, 2, 5]
     rows = []
     for preset in presets:
         n_rounds = rounds or (3 if smoke else (15 if preset == "digits" else 5))
         for k in cifar_ks if (preset == "cifar10" and cifar_ks) else ks:
-            row = measure(preset, k, device, n_rounds)
+            row = measure(preset, k, device, n_rounds, baseline)
             print(
                 f"step_overhead  {preset:8s} K={k}  step/(closures+base) = {row['ratio']:.3f} "
                 f"(minima {row['ratio_of_minima']:.3f})  step/closures = {row['ratio_vs_closures_only']:.3f}"
+                + (f"  new/old = {row['ratio_against']:.3f}" if baseline else "")
             )
             rows.append(row)
     return {"target": "ratio <= 1.05", "rows": rows}
