@@ -6,16 +6,12 @@ The core needs only torch and numpy; the diffusion applications live in
 
 from . import rules
 from .checkpoint import load_checkpoint, save_checkpoint
+from .errors import ClosureError, OptimizerError, SettingError, UpdateError
 from .functional import Gram, gram, kkt_direction, kkt_multiplier, kkt_solve
-from .optimizer import (
-    ClosureError,
-    Closures,
-    MicroBatches,
-    StepStats,
-    UpdateError,
-    ValueFunctionBilevelOptimizer,
-)
+from .optimizer import ValueFunctionBilevelOptimizer
+from .problem import Closures, MicroBatches
 from .rules import Combination, Geometry, Rule
+from .stats import StepStats
 
 __all__ = [
     "ClosureError",
@@ -24,7 +20,9 @@ __all__ = [
     "Geometry",
     "Gram",
     "MicroBatches",
+    "OptimizerError",
     "Rule",
+    "SettingError",
     "StepStats",
     "UpdateError",
     "ValueFunctionBilevelOptimizer",
