@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .errors import UsageError
+from .runtime.errors import UsageError
 from .models import null_class
 
 NUM_TRAIN_TIMESTEPS = 1000
