@@ -1,14 +1,16 @@
-"""Deprecated alias of ``constrained_opt.diffusion.errors``, kept for one release.
+"""Deprecated alias of ``constrained_opt.diffusion.errors``, kept for one release. Moved to:
 
-Moved to ``constrained_opt.diffusion.runtime.errors``.
+- ``constrained_opt.diffusion.runtime.errors``
 """
 
 import warnings
 
 from constrained_opt.diffusion.runtime.errors import EvaluationError, UsageError  # noqa: F401
 
+MOVED_TO = ("constrained_opt.diffusion.runtime.errors",)
+
 warnings.warn(
-    "constrained_opt.diffusion.errors is deprecated; import from constrained_opt.diffusion.runtime.errors",
+    f"{__name__} is deprecated; import from " + ", ".join(MOVED_TO),
     DeprecationWarning,
     stacklevel=2,
 )

@@ -1,6 +1,6 @@
-"""Deprecated alias of ``constrained_opt.diffusion.io``, kept for one release.
+"""Deprecated alias of ``constrained_opt.diffusion.io``, kept for one release. Moved to:
 
-Moved to ``constrained_opt.diffusion.runtime.io``.
+- ``constrained_opt.diffusion.runtime.io``
 """
 
 import warnings
@@ -16,8 +16,10 @@ from constrained_opt.diffusion.runtime.io import (  # noqa: F401
     write_text,
 )
 
+MOVED_TO = ("constrained_opt.diffusion.runtime.io",)
+
 warnings.warn(
-    "constrained_opt.diffusion.io is deprecated; import from constrained_opt.diffusion.runtime.io",
+    f"{__name__} is deprecated; import from " + ", ".join(MOVED_TO),
     DeprecationWarning,
     stacklevel=2,
 )

@@ -1,20 +1,16 @@
-"""Deprecated alias of ``constrained_opt.diffusion.resume``, kept for one release.
+"""Deprecated alias of ``constrained_opt.diffusion.resume``, kept for one release. Moved to:
 
-Moved to ``constrained_opt.diffusion.runtime.resume``.
+- ``constrained_opt.diffusion.runtime.resume``
 """
 
 import warnings
 
-from constrained_opt.diffusion.runtime.resume import (  # noqa: F401
-    DIGESTS,
-    FLAGS,
-    check_resume,
-    restoring,
-    run_config,
-)
+from constrained_opt.diffusion.runtime.resume import DIGESTS, FLAGS, check_resume, restoring, run_config  # noqa: F401
+
+MOVED_TO = ("constrained_opt.diffusion.runtime.resume",)
 
 warnings.warn(
-    "constrained_opt.diffusion.resume is deprecated; import from constrained_opt.diffusion.runtime.resume",
+    f"{__name__} is deprecated; import from " + ", ".join(MOVED_TO),
     DeprecationWarning,
     stacklevel=2,
 )

@@ -33,100 +33,30 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .data import BatchSampler, ImageData, check_class, split_forget
-from .errors import UsageError
-from .io import atomic_path, write_json, write_text
-from .losses import denoising_loss, diffuse, unet_eps
-from .metrics import classifier_probs, forget_scores
-from .models import null_class
-from .sampling import make_scheduler, sample
+from ..data import BatchSampler, ImageData, check_class, split_forget
+from ..evaluation.metrics import classifier_probs, forget_scores
+from ..losses import denoising_loss, diffuse, unet_eps
+from ..models import load_unet, null_class
+from ..runtime.errors import UsageError
+from ..runtime.io import read_json, write_json
+from ..sampling import make_scheduler, sample
+from .common import AppendedEmbedding, Budget, bootstrap_ci, loss_record, project_simplex
+from .report import report_line, summary
 
 ATTACKS = ("inversion", "mixture", "relearn", "benign")
+
+
 RELEARN_THRESHOLD = 0.5
-MIXTURE_STARTS = ("best", "uniform")
-
-
-@dataclass(frozen=True)
-class Budget:
-    """The fixed budget of every attack. Defaults: minutes per model on 2 CPU cores for the digits DDPM.
-
-    - inversion / mixture: ``num_images`` (N) real images of c_f, ``steps`` Adam steps of batch
-      ``batch_size`` at ``inversion_lr`` / ``mixture_lr``; the mixture starts at :func:`best_start`
-      (``mixture_start="best"``) or at the uniform point as UnlearnDiffAtk (``"uniform"``);
-    - relearn: ``relearn_images`` (n) real images of c_f, ``relearn_steps`` (m) steps of batch n at
-      ``relearn_lr``, probed every ``probe_every`` steps;
-    - benign: ``benign_steps`` steps of batch ``batch_size`` on the retained classes at ``relearn_lr``,
-      probed every ``benign_probe_every`` steps;
-    - evaluation: ``samples`` images of the attacked class, DDIM ``sampling_steps``, CFG ``guidance``;
-      probes use ``probe_samples`` images and DDIM ``probe_sampling_steps``;
-    - ``seed`` fixes the image subsets, every (t, ε) draw and the sampling noise x_T.
-    """
-
-    num_images: int = 32
-    steps: int = 300
-    batch_size: int = 32
-    inversion_lr: float = 0.1
-    mixture_lr: float = 0.01
-    mixture_start: str = field(default="best", metadata={"choices": MIXTURE_STARTS})
-    relearn_images: int = 8
-    relearn_steps: int = 60
-    relearn_lr: float = 1e-4
-    benign_steps: int = 100
-    probe_every: int = 5
-    benign_probe_every: int = 25
-    samples: int = 100
-    sampling_steps: int = 50
-    guidance: float = 2.0
-    probe_samples: int = 50
-    probe_sampling_steps: int = 25
-    seed: int = 0
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "seed":
-                continue
-            if "choices" in f.metadata:
-                if value not in f.metadata["choices"]:
-                    raise UsageError(
-                        f"attack budget: {f.name} must be one of {', '.join(f.metadata['choices'])}"
-                    )
-            elif f.name == "guidance":
-                if not value >= 0:
-                    raise UsageError(f"attack budget: guidance must be ≥ 0, got {value}")
-            elif not value > 0:
-                raise UsageError(f"attack budget: {f.name} must be positive, got {value}")
-
-
-# ------------------------------------------------------------------------------------------- mechanics
-class AppendedEmbedding(nn.Module):
-    """An ``nn.Embedding`` with rows appended: index ``first + i`` reads ``extra()[i]``, others the table.
-
-    ``extra`` is called on every forward pass, so the rows may be a function of attack variables
-    (e = wᵀE for the mixture). The original table is kept as a submodule and read, never copied or
-    written. ``first`` defaults to the table size; a tokenizer whose length is below its embedding
-    table's (padded vocabularies) assigns new tokens lower ids, which are redirected all the same.
-    """
-
-    def __init__(self, table: nn.Embedding, extra: Callable[[], Tensor], first: int | None = None):
-        super().__init__()
-        self.table, self.extra = table, extra
-        self.first = table.num_embeddings if first is None else first
-
-    def forward(self, ids: Tensor) -> Tensor:
-        rows = self.extra().to(self.table.weight)
-        is_new = (ids >= self.first).unsqueeze(-1)
-        base = self.table(ids.clamp(max=self.table.num_embeddings - 1))
-        return torch.where(is_new, rows[(ids - self.first).clamp(0, len(rows) - 1)], base)
 
 
 @contextlib.contextmanager
@@ -149,31 +79,6 @@ def attacked_embedding(unet, extra: Callable[[], Tensor]) -> Iterator[int]:
             p.requires_grad_(flag)
 
 
-def project_simplex(v: Tensor) -> Tensor:
-    """Euclidean projection of each row of ``v`` onto the probability simplex {w ≥ 0, Σw = 1}.
-
-    The sort-based algorithm (Held et al. 1974; Duchi et al. 2008): with u sorted descending and
-    ρ = max{j : u_j − (Σ_{i≤j} u_i − 1)/j > 0}, w = max(v − τ, 0) for τ = (Σ_{i≤ρ} u_i − 1)/ρ.
-    Hand-written: no library in our dependencies has it, and UnlearnDiffAtk's bisection is slower.
-    """
-    u = v.sort(dim=-1, descending=True).values
-    css = u.cumsum(-1) - 1
-    j = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
-    rho = ((u - css / j) > 0).sum(-1, keepdim=True)
-    tau = css.gather(-1, rho - 1) / rho.to(v.dtype)
-    return (v - tau).clamp_min(0)
-
-
-def bootstrap_ci(values: Tensor, seed: int, resamples: int = 1000, level: float = 0.95) -> list[float]:
-    """Percentile bootstrap interval of mean(values) over resampled samples."""
-    generator = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(values), (resamples, len(values)), generator=generator)
-    means = values.double()[idx].mean(-1)
-    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=means.dtype))
-    return [lo.item(), hi.item()]
-
-
-# ------------------------------------------------------------------------------------------- scoring
 @dataclass
 class Scorer:
     """Samples images for one class label and scores them with the evaluation classifier."""
@@ -227,7 +132,6 @@ def pick(data: ImageData, n: int, generator: torch.Generator, what: str) -> Imag
     return data.subset(torch.randperm(len(data), generator=generator)[:n])
 
 
-# ------------------------------------------------------------------------------------------- attacks 1–2
 def optimise_embedding(
     unet,
     images: ImageData,
@@ -269,17 +173,6 @@ def optimise_embedding(
             losses.append(loss.item())
     unet.train(was_training)
     return losses
-
-
-def loss_record(losses: list[float], t0: float) -> dict[str, Any]:
-    """Mean loss over the first and the last tenth of the steps (single-batch losses are noisy)."""
-    window = max(1, len(losses) // 10)
-    return {
-        "steps": len(losses),
-        "loss_first": sum(losses[:window]) / window,
-        "loss_last": sum(losses[-window:]) / window,
-        "time_s": time.perf_counter() - t0,
-    }
 
 
 def concept_inversion(
@@ -381,7 +274,6 @@ def embedding_mixture(
     return AttackRun(record, samples)
 
 
-# ------------------------------------------------------------------------------------------- attacks 3–4
 def fine_tune_attack(
     unet,
     train: ImageData,
@@ -518,53 +410,6 @@ def attack_unet(
     return results, samples
 
 
-# ------------------------------------------------------------------------------------------- summaries
-def summary(results: dict[str, dict]) -> dict[str, float | int | None]:
-    """The flat ``attack_<name>_<figure>`` keys that the demo's metrics.json and tables carry."""
-    out: dict[str, float | int | None] = {}
-    for name, r in results.items():
-        if name == "none":
-            continue
-        out[f"attack_{name}_p_forget"] = r["p_forget"]
-        out[f"attack_{name}_entropy"] = r["entropy"]
-        if "steps_to_threshold" in r:
-            out[f"attack_{name}_steps"] = r["steps_to_threshold"]
-    return out
-
-
-ATTACK_COLUMNS = (
-    ("attack_inversion_p_forget", "Inversion P ↓"),
-    ("attack_mixture_p_forget", "Mixture P ↓"),
-    ("attack_relearn_p_forget", "Relearn P (end) ↓"),
-    ("attack_relearn_steps", "Relearn steps to P ≥ 0.5 ↑"),
-    ("attack_benign_p_forget", "Benign FT P (end) ↓"),
-)
-
-
-def _cell(row: dict, key: str) -> str:
-    if key not in row:
-        return "–"
-    value = row[key]
-    if value is None:  # a step count that never reached the threshold within the budget
-        return "> budget"
-    return str(value) if isinstance(value, int) else f"{value:.3f}"
-
-
-def attack_table(rows: dict[str, dict], display: dict[str, str] | None = None) -> str:
-    """Markdown "under attack" table: one row per model, the ``attack_*`` columns any row has."""
-    cols = [c for c in ATTACK_COLUMNS if any(c[0] in r for r in rows.values())]
-    if not cols:
-        return ""
-    lines = [
-        "| Model | P(y=c_f) no attack | " + " | ".join(t for _, t in cols) + " |",
-        "|---|---:|" + "---:|" * len(cols),
-    ]
-    for name, r in rows.items():
-        cells = [_cell(r, "p_forget"), *(_cell(r, key) for key, _ in cols)]
-        lines.append(f"| {(display or {}).get(name, name)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def cached_attack(
     path: str,
     classifier: nn.Module,
@@ -581,11 +426,6 @@ def cached_attack(
     """:func:`attack_unet` on the checkpoint ``path`` (or the already loaded ``unet``), its results kept in
     ``state_file``. With ``resume``, a state file made from the same checkpoint file (sha256), attacks
     and budget is reused instead; the samples are then None."""
-    import hashlib
-
-    from .io import read_json
-    from .models import load_unet
-
     with open(path, "rb") as f:
         key = {
             "model_sha256": hashlib.sha256(f.read()).hexdigest(),
@@ -627,160 +467,3 @@ def demo_attacks(
         out[name] = summary(results)
         print(report_line(name, results), flush=True)
     return out
-
-
-def save_attack_grid(path: str, samples: dict[str, Tensor], title: str, per_row: int = 10) -> None:
-    """PNG with one row of class-c_f samples per attack (``none`` first), labelled."""
-    from matplotlib.figure import Figure
-    from torchvision.utils import make_grid
-
-    rows = []
-    for images in samples.values():
-        row = images[:per_row]
-        rows.append(torch.cat([row, -torch.ones(per_row - len(row), *row.shape[1:])]))
-    grid = make_grid((torch.cat(rows) + 1) / 2, nrow=per_row, padding=1, pad_value=1.0)
-    grid = grid.permute(1, 2, 0).clamp(0, 1).numpy()
-    fig = Figure(figsize=(0.45 * per_row + 1.2, 0.45 * len(rows) + 0.6), dpi=150)
-    ax = fig.subplots()
-    ax.imshow(
-        grid[..., 0] if grid.shape[-1] == 1 or (grid[..., 0] == grid[..., 1]).all() else grid,
-        cmap="gray",
-        vmin=0,
-        vmax=1,
-        interpolation="nearest",
-    )
-    row_h = grid.shape[0] / len(rows)
-    ax.set_yticks([row_h * (i + 0.5) for i in range(len(rows))], list(samples), fontsize=7)
-    ax.set_xticks([])
-    ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-
-
-def report_line(name: str, results: dict[str, dict]) -> str:
-    """One human-readable line per model: P(y = c_f) with no attack and under each attack."""
-    parts = [f"none {results['none']['p_forget']:.3f}"]
-    for attack, r in results.items():
-        if attack == "none":
-            continue
-        text = f"{attack} {r['p_forget']:.3f}"
-        if "steps_to_threshold" in r:
-            s = r["steps_to_threshold"]
-            text += f" (P ≥ 0.5 at step {s})" if s is not None else f" (P < 0.5 for {r['steps']} steps)"
-        parts.append(text)
-    return f"{name}: P(y=c_f) " + ", ".join(parts)
-
-
-# ------------------------------------------------------------------------------------------- the job
-def list_models(specs: list[str]) -> dict[str, str]:
-    """``--model`` arguments (files or folders of ``*.safetensors``) → {name (file stem): path}."""
-    models: dict[str, str] = {}
-    for spec in specs:
-        if os.path.isdir(spec):
-            files = sorted(f for f in os.listdir(spec) if f.endswith(".safetensors"))
-            if not files:
-                raise UsageError(f"no .safetensors models in {spec}")
-            paths = [os.path.join(spec, f) for f in files]
-        elif os.path.isfile(spec):
-            paths = [spec]
-        else:
-            raise UsageError(f"model not found: {spec}")
-        for path in paths:
-            name = os.path.splitext(os.path.basename(path))[0]
-            if name in models:
-                raise UsageError(f"two models are named {name!r} ({models[name]}, {path}); rename one")
-            models[name] = path
-    return models
-
-
-def attack_ddpm(
-    data_spec: str,
-    models: list[str],
-    classifier_path: str,
-    forget_class: int,
-    out: str,
-    *,
-    attacks: tuple[str, ...] = ATTACKS,
-    budget: Budget | None = None,
-    image_size: int = 32,
-    device: str = "auto",
-    resume: bool = False,
-    progress: bool = True,
-) -> dict[str, dict[str, dict]]:
-    """``constrained-opt attack ddpm``: attack each model; returns {model: {attack: record}}.
-
-    One model: ``out/attack.json`` ({attack: record}), ``out/attack_samples.png``, ``out/report.md``.
-    Several (``models`` holds folders or several files): the same two files in ``out/<model>/`` for each,
-    plus ``out/attacks.json`` ({model: {attack: record}}) and ``out/report.md`` with one row per model.
-    ``out/state/<model>.json`` keeps each model's results; ``resume`` skips the models already attacked
-    with the same checkpoint, attacks and budget. Every input is loaded and checked before anything is
-    written.
-    """
-    from .data import load_data
-    from .ddpm import check_output_dir, resolve_device
-    from .models import check_classifier_matches, check_unet_matches, load_classifier, load_unet
-
-    budget = budget or Budget()
-    check_output_dir(out)
-    dev = resolve_device(device)
-    data = load_data(data_spec, image_size)
-    check_class(forget_class, data.num_classes)
-    paths = list_models(models)
-    unets = {}
-    for name, path in paths.items():
-        unet, _ = load_unet(path)
-        check_unet_matches(unet, data.image_shape, data.num_classes, path)
-        unets[name] = unet.to(dev).eval()
-    classifier, _ = load_classifier(classifier_path)
-    check_classifier_matches(classifier, data.image_shape, data.num_classes, classifier_path)
-    classifier = classifier.to(dev)
-    split_forget(data, forget_class)
-    for n in (
-        budget.num_images if {"inversion", "mixture"} & set(attacks) else 0,
-        budget.relearn_images if "relearn" in attacks else 0,
-    ):
-        if n > int((data.labels == forget_class).sum()):
-            raise UsageError(f"attack budget asks for {n} images of class {forget_class}, the data has fewer")
-
-    single = len(unets) == 1
-    everything, lines = {}, []
-    for name, unet in unets.items():
-        folder = out if single else os.path.join(out, name)
-        state = os.path.join(out, "state", f"{name}.json")
-        results, samples = cached_attack(
-            paths[name],
-            classifier,
-            data,
-            forget_class,
-            attacks,
-            budget,
-            state,
-            resume=resume,
-            unet=unet,
-            progress=progress,
-        )
-        if samples is not None:  # else reused: its files are there from the previous run
-            write_json(os.path.join(folder, "attack.json"), results)
-            save_attack_grid(
-                os.path.join(folder, "attack_samples.png"),
-                samples,
-                f"{name}: samples for class {forget_class} under each attack (seed {budget.seed})",
-            )
-        everything[name] = results
-        lines.append(report_line(name, results))
-        print(lines[-1], flush=True)
-    if not single:
-        write_json(os.path.join(out, "attacks.json"), everything)
-    rows = {name: {"p_forget": r["none"]["p_forget"], **summary(r)} for name, r in everything.items()}
-    settings = {
-        "data": data_spec,
-        "forget class": forget_class,
-        "models": paths,
-        **dataclasses.asdict(budget),
-    }
-    text = ["# Attacks on the erased class", "", "## Settings", ""]
-    text += [f"- {k}: `{v}`" for k, v in settings.items()]
-    text += ["", "## P(y = c_f) under attack", "", attack_table(rows), *(f"- {line}" for line in lines)]
-    write_text(os.path.join(out, "report.md"), "\n".join(text) + "\n")
-    return everything
