@@ -10,13 +10,16 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from constrained_opt.cli import main
-from constrained_opt.diffusion import attacks
-from constrained_opt.diffusion.attacks import Budget, attacked_embedding, project_simplex
+from constrained_opt.diffusion.attacks import common as attack_common
+from constrained_opt.diffusion.attacks import ddpm as ddpm_attacks
+from constrained_opt.diffusion.attacks import report as attack_report
+from constrained_opt.diffusion.attacks.common import Budget, project_simplex
+from constrained_opt.diffusion.attacks.ddpm import attacked_embedding
+from constrained_opt.diffusion.cli import main
 from constrained_opt.diffusion.data import load_data, split_forget
-from constrained_opt.diffusion.errors import UsageError
 from constrained_opt.diffusion.losses import denoising_loss, diffuse, unet_eps
 from constrained_opt.diffusion.models import Classifier, build_unet, save_classifier, save_unet
+from constrained_opt.diffusion.runtime.errors import UsageError
 from constrained_opt.diffusion.sampling import make_scheduler
 
 TINY = Budget(
@@ -125,13 +128,13 @@ def test_project_simplex_is_the_euclidean_projection():
 def test_appended_embedding_reads_the_table_or_the_extra_rows():
     table = torch.nn.Embedding(4, 3)
     extra = torch.randn(2, 3, requires_grad=True)
-    module = attacks.AppendedEmbedding(table, lambda: extra)
+    module = attack_common.AppendedEmbedding(table, lambda: extra)
     out = module(torch.tensor([0, 3, 4, 5]))
     assert torch.equal(out[:2], table.weight[[0, 3]]) and torch.equal(out[2:], extra)
     out.sum().backward()
     assert torch.equal(extra.grad, torch.ones(2, 3)) and table.weight.grad is not None
     # A first id below the table size (a padded vocabulary) is redirected all the same.
-    low = attacks.AppendedEmbedding(table, lambda: extra, first=2)
+    low = attack_common.AppendedEmbedding(table, lambda: extra, first=2)
     assert torch.equal(low(torch.tensor([1, 2, 3])), torch.cat([table.weight[1:2], extra]))
 
 
@@ -151,10 +154,10 @@ def test_budget_and_attack_names_are_validated():
         Budget(guidance=-1.0)
     with pytest.raises(UsageError, match="mixture_start must be one of best, uniform"):
         Budget(mixture_start="random")
-    assert attacks.parse_attacks("all") == attacks.ATTACKS
-    assert attacks.parse_attacks("relearn, inversion,relearn") == ("relearn", "inversion")
+    assert ddpm_attacks.parse_attacks("all") == ddpm_attacks.ATTACKS
+    assert ddpm_attacks.parse_attacks("relearn, inversion,relearn") == ("relearn", "inversion")
     with pytest.raises(UsageError, match="unknown attack"):
-        attacks.parse_attacks("inversion,magic")
+        ddpm_attacks.parse_attacks("inversion,magic")
 
 
 # ------------------------------------------------------------------------------------------- attacks
@@ -164,9 +167,9 @@ def test_embedding_attacks_lower_the_loss_keep_the_model_and_spend_their_budget(
     _, forget = split_forget(data, 3)
     before, flags = snapshot(unet), [p.requires_grad for p in unet.parameters()]
     budget = dataclasses.replace(TINY, mixture_start="uniform") if name == "mixture_uniform" else TINY
-    scorer = attacks.Scorer(clf, 3, budget, progress=False)
+    scorer = ddpm_attacks.Scorer(clf, 3, budget, progress=False)
     counter = CallCounter(unet)
-    fn = attacks.concept_inversion if name == "inversion" else attacks.embedding_mixture
+    fn = ddpm_attacks.concept_inversion if name == "inversion" else ddpm_attacks.embedding_mixture
     run = fn(unet, forget, scorer, torch.Generator().manual_seed(0), progress=False)
     counter.handle.remove()
     assert_unchanged(unet, before, flags)
@@ -180,7 +183,7 @@ def test_embedding_attacks_lower_the_loss_keep_the_model_and_spend_their_budget(
     assert len(run.images) == TINY.samples and run.record["steps"] == TINY.steps
     # The attack lowers the denoising loss of its N images (fixed (t, ε) draw) from its start.
     generator = torch.Generator().manual_seed(0)
-    images = attacks.pick(forget, TINY.num_images, generator, "").images
+    images = ddpm_attacks.pick(forget, TINY.num_images, generator, "").images
     if name == "inversion":
         start, end = table[-1], torch.tensor(run.record["vector"])
     else:
@@ -199,8 +202,8 @@ def test_relearning_trains_a_copy_probes_on_schedule_and_lowers_the_loss(data):
     _, forget = split_forget(data, 3)
     before, flags = snapshot(unet), [p.requires_grad for p in unet.parameters()]
     budget = Budget(**{**TINY.__dict__, "relearn_steps": 30, "probe_every": 10})
-    scorer = attacks.Scorer(clf, 3, budget, progress=False)
-    run = attacks.relearn(unet, forget, scorer, torch.Generator().manual_seed(0), progress=False)
+    scorer = ddpm_attacks.Scorer(clf, 3, budget, progress=False)
+    run = ddpm_attacks.relearn(unet, forget, scorer, torch.Generator().manual_seed(0), progress=False)
     assert_unchanged(unet, before, flags)
     r = run.record
     assert list(r["p_forget_at"]) == ["0", "10", "20", "30"] and r["num_images"] == budget.relearn_images
@@ -213,8 +216,8 @@ def test_benign_fine_tuning_never_shows_the_forgotten_class(data):
     unet, clf = tiny_unet(), tiny_classifier()
     retain, _ = split_forget(data, 3)
     counter = CallCounter(unet)  # deepcopy copies the hook: the fine-tuned copy reports its calls too
-    scorer = attacks.Scorer(clf, 3, TINY, progress=False)
-    attacks.benign(unet, retain, scorer, torch.Generator().manual_seed(0), progress=False)
+    scorer = ddpm_attacks.Scorer(clf, 3, TINY, progress=False)
+    ddpm_attacks.benign(unet, retain, scorer, torch.Generator().manual_seed(0), progress=False)
     train = [c for n, c in counter.calls if n == TINY.batch_size]
     assert len(train) == TINY.benign_steps and all((c != 3).all() for c in train)
     probes = [c for n, c in counter.calls if n == 2 * TINY.probe_samples]
@@ -227,7 +230,7 @@ def test_attack_unet_is_deterministic_per_seed(data):
 
     def run(seed, which=("inversion", "mixture", "relearn")):
         budget = Budget(**{**TINY.__dict__, "seed": seed})
-        results, _ = attacks.attack_unet(unet, clf, data, 3, which, budget, progress=False)
+        results, _ = ddpm_attacks.attack_unet(unet, clf, data, 3, which, budget, progress=False)
         return {a: {k: v for k, v in r.items() if k != "time_s"} for a, r in results.items()}
 
     first = run(0)
@@ -244,7 +247,7 @@ def test_summary_and_table_carry_the_demo_keys():
         "inversion": {"p_forget": 0.9, "entropy": 0.1},
         "relearn": {"p_forget": 0.3, "entropy": 0.2, "steps_to_threshold": None, "steps": 8},
     }
-    flat = attacks.summary(results)
+    flat = attack_report.summary(results)
     assert flat == {
         "attack_inversion_p_forget": 0.9,
         "attack_inversion_entropy": 0.1,
@@ -252,10 +255,10 @@ def test_summary_and_table_carry_the_demo_keys():
         "attack_relearn_entropy": 0.2,
         "attack_relearn_steps": None,
     }
-    table = attacks.attack_table({"erasediff": {"p_forget": 0.01, **flat}}, {"erasediff": "EraseDiff"})
+    table = attack_report.attack_table({"erasediff": {"p_forget": 0.01, **flat}}, {"erasediff": "EraseDiff"})
     assert "| EraseDiff | 0.010 | 0.900 | 0.300 | > budget |" in table
     assert (
-        attacks.report_line("m", results)
+        attack_report.report_line("m", results)
         == "m: P(y=c_f) none 0.010, inversion 0.900, relearn 0.300 (P < 0.5 for 8 steps)"
     )
 
@@ -274,7 +277,7 @@ def test_cli_single_model_writes_json_png_and_report(files, tmp_path, capsys):
     model, clf = files / "models" / "alpha.safetensors", files / "classifier.safetensors"
     assert cli("--model", model, "--classifier", clf, "--forget-class", 2, "--out", out) == 0
     record = json.loads((out / "attack.json").read_text())
-    assert list(record) == ["none", *attacks.ATTACKS]
+    assert list(record) == ["none", *ddpm_attacks.ATTACKS]
     for r in record.values():
         assert 0 <= r["p_forget"] <= 1 and r["entropy"] >= 0
     assert record["relearn"]["num_images"] == 4 and list(record["relearn"]["p_forget_at"]) == ["0", "1", "2"]
@@ -350,7 +353,9 @@ def test_cli_errors_are_one_line_and_write_nothing(files, tmp_path, capsys, args
 def test_demo_attacks_adds_the_under_attack_block(files, tmp_path, monkeypatch, capsys):
     import functools
 
-    monkeypatch.setattr(attacks, "demo_attacks", functools.partial(attacks.demo_attacks, budget=TINY))
+    monkeypatch.setattr(
+        ddpm_attacks, "demo_attacks", functools.partial(ddpm_attacks.demo_attacks, budget=TINY)
+    )
     out = tmp_path / "demo"
     unet, clf = files / "models" / "alpha.safetensors", files / "classifier.safetensors"
     demo = (
@@ -360,7 +365,7 @@ def test_demo_attacks_adds_the_under_attack_block(files, tmp_path, monkeypatch, 
     assert main(demo.split()) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for name in ("base", "erasediff"):
-        assert {f"attack_{a}_p_forget" for a in attacks.ATTACKS} <= set(metrics[name])
+        assert {f"attack_{a}_p_forget" for a in ddpm_attacks.ATTACKS} <= set(metrics[name])
         assert "attack_relearn_steps" in metrics[name]
         assert (out / "state" / f"attack_{name}.json").exists()
     table = (out / "table.md").read_text()

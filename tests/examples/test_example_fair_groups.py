@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("sklearn")
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "fair_groups.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "fair_groups.py"
 
 
 def test_per_group_constraints_bound_every_group_and_pooled_does_not(capsys):

@@ -10,9 +10,10 @@ pytest.importorskip("diffusers")
 import ddpm_tiny
 import torch
 
-from constrained_opt.cli import main
-from constrained_opt.diffusion import baselines
-from constrained_opt.diffusion.io import load_state, load_tensors, save_state
+from constrained_opt.diffusion.cli import main
+from constrained_opt.diffusion.methods.finetune import Finetune
+from constrained_opt.diffusion.methods.unlearn import unlearn as unlearn_loop
+from constrained_opt.diffusion.runtime.io import load_state, load_tensors, save_state
 
 FAST = ["--quiet", "--per-class", "4", "--sampling-steps", "2"]
 
@@ -32,8 +33,8 @@ def unlearn(base, out, extra=""):
 @pytest.fixture
 def interrupted(base, tmp_path, monkeypatch):
     """OUT of an ``unlearn ddpm`` run stopped by Ctrl-C in its third step, checkpointed after its second."""
-    monkeypatch.setitem(baselines.unlearn.__kwdefaults__, "checkpoint_every", 1)
-    step, calls = baselines.Finetune.step, []
+    monkeypatch.setitem(unlearn_loop.__kwdefaults__, "checkpoint_every", 1)
+    step, calls = Finetune.step, []
 
     def interrupt_third(self, retain, forget):
         calls.append(1)
@@ -41,10 +42,10 @@ def interrupted(base, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return step(self, retain, forget)
 
-    monkeypatch.setattr(baselines.Finetune, "step", interrupt_third)
+    monkeypatch.setattr(Finetune, "step", interrupt_third)
     out = tmp_path / "run"
     assert unlearn(base, out) == 130
-    monkeypatch.setattr(baselines.Finetune, "step", step)
+    monkeypatch.setattr(Finetune, "step", step)
     assert load_state(out / "checkpoint.safetensors")["step"] == 2
     return out
 

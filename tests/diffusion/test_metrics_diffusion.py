@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("torchmetrics")
 
-from constrained_opt.diffusion.metrics import (
+from constrained_opt.diffusion.evaluation.metrics import (
     FeatureExtractor,
     PeakMemory,
     accuracy,

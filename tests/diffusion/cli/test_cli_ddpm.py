@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from constrained_opt.cli import main
+from constrained_opt.diffusion.cli import main
 
 FAST = ["--quiet", "--per-class", "4", "--sampling-steps", "2"]
 METRIC_KEYS = set(

@@ -4,7 +4,7 @@ import runpy
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "fair_classification.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "fair_classification.py"
 
 
 def test_fair_classification_runs_and_compares_on_equal_forward_budgets(monkeypatch, capsys):

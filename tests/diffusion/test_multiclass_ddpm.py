@@ -7,10 +7,9 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from constrained_opt.cli import main
+from constrained_opt.diffusion.cli import main
 from constrained_opt.diffusion.data import BatchSampler, ImageData
-from constrained_opt.diffusion.errors import UsageError
-from constrained_opt.diffusion.multiclass import (
+from constrained_opt.diffusion.evaluation.multiclass import (
     StratifiedSampler,
     check_classes,
     evaluate_classes,
@@ -18,6 +17,7 @@ from constrained_opt.diffusion.multiclass import (
     parse_classes,
     split_forget_classes,
 )
+from constrained_opt.diffusion.runtime.errors import UsageError
 
 FAST = ["--quiet", "--per-class", "4", "--sampling-steps", "2", "--steps", "2", "--batch-size", "8"]
 

@@ -11,7 +11,7 @@ pytest.importorskip("diffusers")
 
 import ddpm_tiny
 
-from constrained_opt.cli import build_parser, main
+from constrained_opt.diffusion.cli import build_parser, main
 
 FAST = ["--quiet", "--per-class", "4", "--sampling-steps", "2"]
 
@@ -154,18 +154,19 @@ def test_unlearn_sd_checks_paths_before_importing_diffusers(tmp_path):
 
 
 def test_only_the_optimizers_value_errors_become_one_line(tmp_path, capsys, monkeypatch):
-    from constrained_opt.diffusion import baselines
+    from constrained_opt.diffusion.methods.erasediff import EraseDiff
+    from constrained_opt.diffusion.methods.finetune import Finetune
 
     base = ddpm_tiny.write_base(tmp_path)
     argv = f"unlearn ddpm --forget-class 1 --checkpoint {base['unet']} --no-eval --steps 1 --batch-size 4"
-    monkeypatch.setattr(baselines.EraseDiff, "optimizer_kwargs", lambda self: {"eta": float("inf")})
+    monkeypatch.setattr(EraseDiff, "optimizer_kwargs", lambda self: {"eta": float("inf")})
     code = run([*argv.split(), "--method", "erasediff", "--out", str(tmp_path / "a"), "--quiet"])
     assert_one_line_error(capsys, code, "the optimizer stopped the run: eta must be a finite number")
 
     def bug(self, retain, forget):
         raise ValueError("a bug elsewhere")
 
-    monkeypatch.setattr(baselines.Finetune, "step", bug)
+    monkeypatch.setattr(Finetune, "step", bug)
     with pytest.raises(ValueError, match="a bug elsewhere"):  # not disguised as a user error
         run([*argv.split(), "--method", "finetune", "--out", str(tmp_path / "b"), "--quiet"])
 
@@ -199,8 +200,8 @@ def test_sd_generate_checks_its_inputs_before_loading_a_pipeline(tmp_path, capsy
     "kwargs", [{"num_steps": 0}, {"num_steps": 1001}, {"guidance": float("nan")}, {"per_class": 3}]
 )
 def test_eval_settings_refuse_what_the_cli_refuses(kwargs):
-    from constrained_opt.diffusion.ddpm import EvalSettings
-    from constrained_opt.diffusion.errors import UsageError
+    from constrained_opt.diffusion.evaluation.generated import EvalSettings
+    from constrained_opt.diffusion.runtime.errors import UsageError
 
     with pytest.raises(UsageError):
         EvalSettings(**kwargs)

@@ -9,8 +9,8 @@ pytest.importorskip("diffusers")
 import ddpm_tiny
 import torch
 
-from constrained_opt.cli import main
-from constrained_opt.diffusion import baselines
+from constrained_opt.diffusion.cli import main
+from constrained_opt.diffusion.methods.neggrad import NegGrad
 
 FAST = ["--quiet", "--per-class", "4", "--sampling-steps", "2"]
 
@@ -43,7 +43,7 @@ def test_demo_finishes_when_one_method_yields_a_nan_model(tmp_path, monkeypatch)
                 p.fill_(float("inf"))
         return {}
 
-    monkeypatch.setattr(baselines.NegGrad, "step", poison)
+    monkeypatch.setattr(NegGrad, "step", poison)
     out = tmp_path / "demo"
     argv = f"demo --methods neggrad,finetune --steps 1 --batch-size 4 --out {out} --cache-dir {tmp_path}/c"
     argv += f" --checkpoint {base['unet']} --classifier {base['classifier']}"

@@ -14,8 +14,11 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from constrained_opt.diffusion import baselines
-from constrained_opt.diffusion.data import ImageData, load_data, split_forget
+from constrained_opt.diffusion.data import BatchSampler, ImageData, load_data, split_forget
+from constrained_opt.diffusion.methods.base import Setup
+from constrained_opt.diffusion.methods.erasediff import EraseDiffSharedAdam
+from constrained_opt.diffusion.methods.sa import SelectiveAmnesia
+from constrained_opt.diffusion.methods.salun import SalUn
 from constrained_opt.diffusion.models import build_unet
 
 T, NULL = 1000, 10
@@ -63,11 +66,11 @@ def adam_step_like_the_release(model, loss, lr, mask=None):
 
 def setup(unet, seed, lr=1e-3, batch_size=6):
     gen = torch.Generator().manual_seed(seed)
-    return baselines.Setup(unet, 10, 0, lr, gen, batch_size, progress=False)
+    return Setup(unet, 10, 0, lr, gen, batch_size, progress=False)
 
 
 def test_salun_step_is_the_released_loss_and_update(unet):
-    method = baselines.SalUn(setup(unet, seed=5))
+    method = SalUn(setup(unet, seed=5))
     g = torch.Generator().manual_seed(11)
     method.mask = {n: (torch.rand(p.shape, generator=g) < 0.5).float() for n, p in unet.named_parameters()}
     reference, before = copy.deepcopy(unet), copy.deepcopy(unet)
@@ -111,7 +114,7 @@ def test_salun_retain_term_weighs_alpha_times_d_against_the_pixel_mean_forget_te
 
 def test_salun_mask_is_the_released_clipped_guided_gradient_rank(unet):
     forget = ImageData(*fixed_batch(10, 0, 3), 10, "f")
-    method = baselines.SalUn(setup(unet, seed=7, batch_size=4))
+    method = SalUn(setup(unet, seed=7, batch_size=4))
     method.prepare(forget, forget)
 
     replay = torch.Generator().manual_seed(7)
@@ -144,13 +147,13 @@ def test_salun_mask_is_the_released_clipped_guided_gradient_rank(unet):
 
 
 def test_sa_step_is_the_released_loss_and_update(unet):
-    method = baselines.SelectiveAmnesia(setup(unet, seed=9, batch_size=6))
+    method = SelectiveAmnesia(setup(unet, seed=9, batch_size=6))
     g = torch.Generator().manual_seed(4)
     method.fisher = {n: torch.rand(p.shape, generator=g) * 50 for n, p in unet.named_parameters()}
     method.anchor = {n: p.detach() + 0.01 for n, p in unet.named_parameters()}  # θ ≠ θ*: EWC is active
     method.replay = ImageData(*fixed_batch(8, 4, 6), 10, "replay")
-    method.replay_batches = baselines.BatchSampler(method.replay, 6, 0)
-    x_remember, c_remember = baselines.BatchSampler(method.replay, 6, 0).next()
+    method.replay_batches = BatchSampler(method.replay, 6, 0)
+    x_remember, c_remember = BatchSampler(method.replay, 6, 0).next()
     reference = copy.deepcopy(unet)
     replay = torch.Generator().manual_seed(9)
     stats = method.step(fixed_batch(6, 3, 1), fixed_batch(6, 0, 2))
@@ -176,14 +179,14 @@ def test_sa_preparation_scales_samples_to_the_data_and_is_cached_per_model(unet,
     digits = load_data("digits")
     retain, forget = split_forget(digits, 0)
     hp = {"sampler": "ddim", "fisher_stride": 250, "samples_fraction": 0.02}
-    method = baselines.SelectiveAmnesia(setup(unet, seed=0, batch_size=4), **hp)
+    method = SelectiveAmnesia(setup(unet, seed=0, batch_size=4), **hp)
     assert method.per_class(retain, forget) == 4  # 2% of ~180 digits per class (SA: 10% by default)
-    assert baselines.SelectiveAmnesia(setup(unet, 0)).per_class(retain, forget) == 18
+    assert SelectiveAmnesia(setup(unet, 0)).per_class(retain, forget) == 18
     method.s.cache = str(tmp_path)
     assert method.prepare(retain, forget) is None  # computed
     assert len(method.replay) == 4 * 9 and (method.replay.labels != 0).all()
     assert method.replay.images.min() >= -1 and method.replay.images.max() <= 1
-    again = baselines.SelectiveAmnesia(setup(unet, seed=1, batch_size=4), **hp)
+    again = SelectiveAmnesia(setup(unet, seed=1, batch_size=4), **hp)
     again.s.cache = str(tmp_path)
     info = again.prepare(retain, forget)
     assert info["prep_cached"] and info["prep_s"] > 0
@@ -197,7 +200,7 @@ def test_inner_steps_through_the_outer_adam_make_k_matter(unet):
     after = {}
     for k in (1, 3):
         model = copy.deepcopy(unet)
-        method = baselines.EraseDiffSharedAdam(setup(model, seed=3), inner_steps=k)
+        method = EraseDiffSharedAdam(setup(model, seed=3), inner_steps=k)
         before = [p.detach().clone() for p in model.parameters()]
         stats = method.step(fixed_batch(6, 3, 1), fixed_batch(6, 0, 2))
         steps = {int(s["step"]) for s in method.optimizer.state_dict()["state"].values()}

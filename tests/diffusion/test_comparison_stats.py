@@ -7,15 +7,16 @@ import torch
 
 pytest.importorskip("torchmetrics")
 
-from constrained_opt.diffusion.comparison import aggregate, interval_verdict, plan_runs
-from constrained_opt.diffusion.errors import UsageError
-from constrained_opt.diffusion.metrics import (
+from constrained_opt.diffusion.evaluation.metrics import (
     SampleScores,
     bootstrap_ci95,
     mean_ci95,
     metrics_from_scores,
     real_split_floor,
 )
+from constrained_opt.diffusion.evaluation.statistics import aggregate, interval_verdict
+from constrained_opt.diffusion.jobs.comparison import plan_runs
+from constrained_opt.diffusion.runtime.errors import UsageError
 
 
 def test_mean_ci95_is_the_student_t_interval():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("diffusers")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_parameter_sizes_sum_to_n():
@@ -104,10 +104,10 @@ def test_sa_budget_smoke_measures_both_methods_in_one_run(tmp_path):
     assert "listed, not ranked" in text
 
 
-def test_issue13_items_smoke(tmp_path):
-    """Issue 13's benchmark items in one run: m constraints against their floor, the torchjd and cooper
-    comparisons, the authors' step transcription (which must compute our update) and two digits
-    forgotten at once."""
+def test_multi_constraint_comparisons_authors_step_and_multiclass_items_smoke(tmp_path):
+    """The multi-constraint benchmark items in one run: m constraints against their floor, the torchjd
+    and cooper comparisons, the authors' step transcription (which must compute our update) and two
+    digits forgotten at once."""
     items = ["multi_constraint", "torchjd_compare", "cooper_compare", "authors_step", "ddpm_multiclass"]
     cmd = [sys.executable, "-m", "benchmarks", "--only", *items, "--smoke", "--out", str(tmp_path)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)

@@ -9,10 +9,11 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from constrained_opt.diffusion import baselines
 from constrained_opt.diffusion.data import BatchSampler, load_data, parse_data_spec, split_forget
-from constrained_opt.diffusion.errors import UsageError
-from constrained_opt.diffusion.io import atomic_path, load_state, save_state
+from constrained_opt.diffusion.evaluation.report import metrics_table, save_cosine_plot, save_sample_grid
+from constrained_opt.diffusion.methods.erasediff import EraseDiff
+from constrained_opt.diffusion.methods.registry import METHODS, parse_hparams
+from constrained_opt.diffusion.methods.unlearn import unlearn
 from constrained_opt.diffusion.models import (
     SHIPPED_CLASSIFIER,
     SHIPPED_UNET,
@@ -26,7 +27,8 @@ from constrained_opt.diffusion.models import (
     save_unet,
     shipped,
 )
-from constrained_opt.diffusion.report import metrics_table, save_cosine_plot, save_sample_grid
+from constrained_opt.diffusion.runtime.errors import UsageError
+from constrained_opt.diffusion.runtime.io import atomic_path, load_state, save_state
 from constrained_opt.diffusion.sampling import sample
 
 
@@ -258,12 +260,12 @@ def test_report_table_and_figures(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("method", list(baselines.METHODS))
+@pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_changes_a_copy_of_the_model(method, digits, tiny_unet):
     retain, forget = split_forget(digits, 0)
     before = {k: v.clone() for k, v in tiny_unet.state_dict().items()}
     hp = {"samples_per_class": 2, "sampler": "ddim", "fisher_stride": 250} if method == "sa" else {}
-    result = baselines.unlearn(
+    result = unlearn(
         method,
         tiny_unet,
         retain,
@@ -286,7 +288,7 @@ def test_every_method_changes_a_copy_of_the_model(method, digits, tiny_unet):
 
 
 def test_hyperparameters_are_typed_and_validated():
-    parsed = baselines.parse_hparams("erasediff", ["eta=0.5", "forget_target=noise", "inner_steps=2"])
+    parsed = parse_hparams("erasediff", ["eta=0.5", "forget_target=noise", "inner_steps=2"])
     assert parsed == {"eta": 0.5, "forget_target": "noise", "inner_steps": 2}
     bad = {
         "erasediff": (["alpha=1"], ["eta"], ["eta=big"], ["forget_target=blue"], ["inner_steps=-1"]),
@@ -298,17 +300,17 @@ def test_hyperparameters_are_typed_and_validated():
     for method, cases in bad.items():
         for pairs in cases:
             with pytest.raises(UsageError):
-                baselines.parse_hparams(method, pairs)
+                parse_hparams(method, pairs)
     with pytest.raises(UsageError, match="unknown method"):
-        baselines.parse_hparams("ablate", [])
+        parse_hparams("ablate", [])
 
 
 def test_interrupted_unlearning_resumes_to_the_same_model(tmp_path, digits, tiny_unet, monkeypatch):
     retain, forget = split_forget(digits, 0)
     kwargs = dict(steps=6, batch_size=8, lr=1e-3, seed=0, progress=False)
-    straight = baselines.unlearn("erasediff", tiny_unet, retain, forget, 0, **kwargs)
+    straight = unlearn("erasediff", tiny_unet, retain, forget, 0, **kwargs)
     ckpt = str(tmp_path / "ckpt.safetensors")
-    real_step, calls = baselines.EraseDiff.step, {"n": 0}
+    real_step, calls = EraseDiff.step, {"n": 0}
 
     def flaky_step(self, r, f):
         calls["n"] += 1
@@ -316,27 +318,23 @@ def test_interrupted_unlearning_resumes_to_the_same_model(tmp_path, digits, tiny
             raise KeyboardInterrupt
         return real_step(self, r, f)
 
-    monkeypatch.setattr(baselines.EraseDiff, "step", flaky_step)
+    monkeypatch.setattr(EraseDiff, "step", flaky_step)
     with pytest.raises(KeyboardInterrupt):
-        baselines.unlearn(
-            "erasediff", tiny_unet, retain, forget, 0, checkpoint=ckpt, checkpoint_every=2, **kwargs
-        )
+        unlearn("erasediff", tiny_unet, retain, forget, 0, checkpoint=ckpt, checkpoint_every=2, **kwargs)
     assert load_state(ckpt)["step"] == 4
-    monkeypatch.setattr(baselines.EraseDiff, "step", real_step)
-    resumed = baselines.unlearn(
-        "erasediff", tiny_unet, retain, forget, 0, checkpoint=ckpt, resume=True, **kwargs
-    )
+    monkeypatch.setattr(EraseDiff, "step", real_step)
+    resumed = unlearn("erasediff", tiny_unet, retain, forget, 0, checkpoint=ckpt, resume=True, **kwargs)
     assert len(resumed.history) == 6
     for k, v in straight.unet.state_dict().items():
         torch.testing.assert_close(resumed.unet.state_dict()[k], v, rtol=0, atol=0)
     with pytest.raises(UsageError, match=r"--method erasediff \(now moo\)"):
-        baselines.unlearn("moo", tiny_unet, retain, forget, 0, checkpoint=ckpt, resume=True, **kwargs)
+        unlearn("moo", tiny_unet, retain, forget, 0, checkpoint=ckpt, resume=True, **kwargs)
 
 
 def test_probes_record_progress_without_changing_the_run(digits, tiny_unet):
     retain, forget = split_forget(digits, 0)
     kwargs = dict(steps=6, batch_size=8, lr=1e-3, seed=0, progress=False)
-    plain = baselines.unlearn("erasediff", tiny_unet, retain, forget, 0, **kwargs)
+    plain = unlearn("erasediff", tiny_unet, retain, forget, 0, **kwargs)
     seen = []
 
     def probe(unet):
@@ -344,9 +342,7 @@ def test_probes_record_progress_without_changing_the_run(digits, tiny_unet):
         images = sample(unet, torch.tensor([0, 1]), num_steps=2, progress=False)
         return {"mean": float(images.mean())}
 
-    probed = baselines.unlearn(
-        "erasediff", tiny_unet, retain, forget, 0, probe=probe, probe_every=2, **kwargs
-    )
+    probed = unlearn("erasediff", tiny_unet, retain, forget, 0, probe=probe, probe_every=2, **kwargs)
     assert [p["step"] for p in probed.probes] == [2, 4, 6]
     times = [p["time_s"] for p in probed.probes]
     assert times == sorted(times) and 0 < times[-1] <= probed.time_s
@@ -355,4 +351,4 @@ def test_probes_record_progress_without_changing_the_run(digits, tiny_unet):
     for k, v in plain.unet.state_dict().items():
         torch.testing.assert_close(probed.unet.state_dict()[k], v, rtol=0, atol=0)
     with pytest.raises(UsageError, match="probe_every"):
-        baselines.unlearn("erasediff", tiny_unet, retain, forget, 0, probe=probe, **kwargs)
+        unlearn("erasediff", tiny_unet, retain, forget, 0, probe=probe, **kwargs)
