@@ -1,4 +1,5 @@
-"""Deprecated alias of ``constrained_opt.diffusion.attacks_cli``, kept for one release. Moved to:
+"""Deprecated alias of ``constrained_opt.diffusion.attacks_cli``, kept for one release (its ``register``
+is now ``register(subparsers)`` in :mod:`constrained_opt.diffusion.cli.attack`). Moved to:
 
 - ``constrained_opt.diffusion.cli.attack``
 - ``constrained_opt.diffusion.cli.budgets``
@@ -6,7 +7,7 @@
 
 import warnings
 
-from constrained_opt.diffusion.cli.attack import DDPM_HELP, register  # noqa: F401
+from constrained_opt.diffusion.cli.attack import DDPM_HELP  # noqa: F401
 from constrained_opt.diffusion.cli.budgets import (  # noqa: F401
     NON_NEGATIVE_FIELDS,
     add_budget_flags,

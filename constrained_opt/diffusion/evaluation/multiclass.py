@@ -123,7 +123,7 @@ def evaluate_classes(
     forget: ForgetClasses,
     inception_weights: str | None = None,
 ) -> dict[str, float]:
-    """:func:`~constrained_opt.diffusion.metrics.evaluate_generated` for one or several forget classes.
+    """:func:`~.metrics.evaluate_generated` for one or several forget classes.
 
     Several: ``p_forget`` is the mean over all forget-class samples of P(y = own class | x), with one
     ``p_forget_c<k>`` per class beside it; accuracy, FID and precision/recall cover the other classes.

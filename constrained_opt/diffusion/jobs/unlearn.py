@@ -24,7 +24,7 @@ from .common import check_steps, load_checked
 @dataclass
 class UnlearnJob:
     """One ``unlearn ddpm`` run (also the unit of work inside ``demo``); several forget classes are
-    forgotten together (:mod:`~constrained_opt.diffusion.multiclass`)."""
+    forgotten together (:mod:`~constrained_opt.diffusion.evaluation.multiclass`)."""
 
     method: str
     forget_class: int | tuple[int, ...]
