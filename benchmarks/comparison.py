@@ -103,8 +103,8 @@ def _commit() -> str | None:
 
 def run(device: torch.device, smoke: bool, config: str = "comparison", work: str = "runs/benchmarks") -> dict:
     from constrained_opt.diffusion.evaluation.generated import EvalSettings
-    from constrained_opt.diffusion.jobs.demo import demo
     from constrained_opt.diffusion.evaluation.report import gap_table, metrics_table
+    from constrained_opt.diffusion.jobs.demo import demo
 
     cfg = dict(CONFIGS[config])
     if smoke:
@@ -191,8 +191,8 @@ def _references_without_costs(metrics: dict[str, dict]) -> dict[str, dict]:
 
 def markdown(result: dict) -> str:
     """The item's section of docs/benchmarks.md and docs/results.md (tables rendered from the metrics)."""
-    from constrained_opt.diffusion.jobs.demo import noise_floor_notes
     from constrained_opt.diffusion.evaluation.report import gap_table, metrics_table
+    from constrained_opt.diffusion.jobs.demo import noise_floor_notes
 
     metrics = _references_without_costs(result["metrics"])
     return "\n".join(

@@ -46,12 +46,12 @@ def describe(metrics: dict, images, labels, classifier) -> dict:
 
 
 def run(device: torch.device, smoke: bool) -> dict:
-    from constrained_opt.diffusion.methods.unlearn import unlearn
     from constrained_opt.diffusion.data import load_data
     from constrained_opt.diffusion.evaluation.generated import EvalSettings, evaluate_unet
-    from constrained_opt.diffusion.jobs.common import load_checked
-    from constrained_opt.diffusion.models import SHIPPED_CLASSIFIER, SHIPPED_UNET
     from constrained_opt.diffusion.evaluation.multiclass import split_forget_classes
+    from constrained_opt.diffusion.jobs.common import load_checked
+    from constrained_opt.diffusion.methods.unlearn import unlearn
+    from constrained_opt.diffusion.models import SHIPPED_CLASSIFIER, SHIPPED_UNET
 
     seeds = [0] if smoke else [0, 1, 2]
     steps = 2 if smoke else 300

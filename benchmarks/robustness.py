@@ -130,9 +130,8 @@ def run(
 ) -> dict:
     from constrained_opt.diffusion.attacks.common import Budget
     from constrained_opt.diffusion.attacks.ddpm import attack_unet
-    from constrained_opt.diffusion.methods.unlearn import unlearn
     from constrained_opt.diffusion.data import load_data, split_forget
-    from constrained_opt.diffusion.runtime.io import read_json, write_json
+    from constrained_opt.diffusion.methods.unlearn import unlearn
     from constrained_opt.diffusion.models import (
         ASSETS,
         SHIPPED_CLASSIFIER,
@@ -141,6 +140,7 @@ def run(
         load_unet,
         save_unet,
     )
+    from constrained_opt.diffusion.runtime.io import read_json, write_json
 
     data = load_data("digits")
     retain, forget = split_forget(data, FORGET_CLASS)

@@ -35,13 +35,13 @@ def time_to_forget(device: torch.device, smoke: bool, recipes: dict = RECIPES) -
     The probe samples 20 images per class with 20 DDIM steps (the demo's evaluation uses 100 and 50)
     from fixed x_T and scores them with the demo's classifier; its time is not counted.
     """
-    from constrained_opt.diffusion.methods.unlearn import unlearn
     from constrained_opt.diffusion.data import load_data, split_forget
     from constrained_opt.diffusion.evaluation.generated import EvalSettings, generate
-    from constrained_opt.diffusion.runtime.paths import cache_dir
-    from constrained_opt.diffusion.jobs.common import load_checked
     from constrained_opt.diffusion.evaluation.metrics import evaluate_generated
+    from constrained_opt.diffusion.jobs.common import load_checked
+    from constrained_opt.diffusion.methods.unlearn import unlearn
     from constrained_opt.diffusion.models import SHIPPED_CLASSIFIER, SHIPPED_UNET
+    from constrained_opt.diffusion.runtime.paths import cache_dir
 
     data = load_data("digits")
     unet, classifier, _ = load_checked(data, SHIPPED_UNET, SHIPPED_CLASSIFIER, device)

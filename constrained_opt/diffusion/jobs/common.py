@@ -5,12 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..data import ImageData
-from ..models import (
-    check_classifier_matches,
-    check_unet_matches,
-    load_classifier,
-    load_unet,
-)
+from ..models import check_classifier_matches, check_unet_matches, load_classifier, load_unet
 from ..runtime.errors import UsageError
 
 

@@ -9,17 +9,8 @@ from dataclasses import asdict
 from ..attacks.report import attack_table
 from ..data import check_class, load_data
 from ..evaluation.generated import EvalSettings
-from ..evaluation.metrics import (
-    METRICS,
-    classifier_features,
-    real_split_floor,
-)
-from ..evaluation.report import (
-    DISPLAY,
-    gap_table,
-    metrics_table,
-    write_report,
-)
+from ..evaluation.metrics import METRICS, classifier_features, real_split_floor
+from ..evaluation.report import DISPLAY, gap_table, metrics_table, write_report
 from ..evaluation.statistics import aggregate
 from ..runtime.device import resolve_device
 from ..runtime.errors import UsageError

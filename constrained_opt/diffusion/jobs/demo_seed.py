@@ -14,18 +14,9 @@ from torch import Tensor
 from ..attacks import ddpm as ddpm_attacks
 from ..data import ImageData, split_forget
 from ..evaluation.generated import EvalSettings, generate
-from ..evaluation.metrics import (
-    bootstrap_ci95,
-    metrics_from_scores,
-    score_samples,
-)
-from ..evaluation.report import (
-    save_cosine_plot,
-    save_sample_grid,
-)
-from ..models import (
-    save_unet,
-)
+from ..evaluation.metrics import bootstrap_ci95, metrics_from_scores, score_samples
+from ..evaluation.report import save_cosine_plot, save_sample_grid
+from ..models import save_unet
 from ..runtime.errors import EvaluationError
 from ..runtime.io import load_state, read_json, save_state, write_json
 from ..runtime.provenance import file_digest, provenance

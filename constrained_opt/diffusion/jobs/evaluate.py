@@ -7,10 +7,7 @@ from dataclasses import asdict
 
 from ..data import check_class, load_data
 from ..evaluation.generated import EvalSettings, evaluate_unet
-from ..evaluation.report import (
-    save_sample_grid,
-    write_report,
-)
+from ..evaluation.report import save_sample_grid, write_report
 from ..runtime.device import resolve_device
 from ..runtime.errors import UsageError
 from ..runtime.io import write_json

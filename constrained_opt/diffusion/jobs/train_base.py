@@ -6,14 +6,7 @@ from __future__ import annotations
 import os
 
 from ..data import check_class, load_data, split_forget
-from ..models import (
-    UNET_PRESETS,
-    default_preset,
-    load_unet,
-    save_classifier,
-    save_unet,
-    shipped,
-)
+from ..models import UNET_PRESETS, default_preset, load_unet, save_classifier, save_unet, shipped
 from ..runtime.device import resolve_device
 from ..runtime.errors import UsageError
 from ..runtime.io import write_json

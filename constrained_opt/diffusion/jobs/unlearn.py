@@ -10,9 +10,7 @@ from ..evaluation.generated import EvalSettings, evaluate_unet
 from ..evaluation.multiclass import check_classes, split_forget_classes
 from ..methods.registry import method_class
 from ..methods.unlearn import UnlearnResult, unlearn
-from ..models import (
-    save_unet,
-)
+from ..models import save_unet
 from ..runtime.device import resolve_device
 from ..runtime.io import write_json
 from ..runtime.paths import check_output_dir

@@ -12,11 +12,7 @@ import torch
 from torch import Tensor
 
 from ..data import ImageData
-from ..losses import (
-    FORGET_TARGETS,
-    diffuse,
-    unet_eps,
-)
+from ..losses import FORGET_TARGETS, diffuse, unet_eps
 from ..runtime.errors import UsageError
 from ..sampling import make_scheduler
 

@@ -9,11 +9,7 @@ from typing import Any
 import torch
 
 from ..evaluation.multiclass import as_classes, class_rows
-from ..losses import (
-    denoising_loss,
-    forget_loss,
-    forget_target,
-)
+from ..losses import denoising_loss, forget_loss, forget_target
 from ..runtime.errors import UsageError
 from .base import Hyper, Method, check_forget_target
 

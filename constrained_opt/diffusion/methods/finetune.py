@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from ..losses import (
-    denoising_loss,
-)
+from ..losses import denoising_loss
 from .base import Method
 
 

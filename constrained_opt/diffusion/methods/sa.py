@@ -14,13 +14,7 @@ from torch import Tensor
 
 from ..data import BatchSampler, ImageData
 from ..evaluation.multiclass import as_classes, is_forgotten
-from ..losses import (
-    antithetic_timesteps,
-    diffuse,
-    ewc_penalty,
-    pixel_sum_loss,
-    timestep_summed_fisher,
-)
+from ..losses import antithetic_timesteps, diffuse, ewc_penalty, pixel_sum_loss, timestep_summed_fisher
 from ..models import ASSETS
 from ..runtime.errors import UsageError
 from ..runtime.io import load_state, save_state

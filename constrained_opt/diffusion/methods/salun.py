@@ -8,13 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..losses import (
-    antithetic_timesteps,
-    diffuse,
-    drop_labels,
-    pixel_sum_loss,
-    saliency_mask,
-)
+from ..losses import antithetic_timesteps, diffuse, drop_labels, pixel_sum_loss, saliency_mask
 from ..models import null_class
 from ..runtime.errors import UsageError
 from .base import Hyper, Method
