@@ -73,13 +73,20 @@ def denoiser_problem(preset: str, batch: int, device: torch.device, seed: int = 
     return unet, retain, forget
 
 
+def peak_rss() -> int:
+    """Peak resident memory of this process (VmHWM), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: the CPU memory benchmark needs Linux")
+
+
 def peak_bytes(device: torch.device) -> int:
     """Peak memory of this process so far: CUDA max allocated, or peak RSS (VmHWM) on CPU (see item 3)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    from .memory import _peak_rss
-
-    return _peak_rss()
+    return peak_rss()
 
 
 def peak_of_steps(step: Callable[[], object], device: torch.device, count: int = 2) -> dict:

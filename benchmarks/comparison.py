@@ -102,8 +102,9 @@ def _commit() -> str | None:
 
 
 def run(device: torch.device, smoke: bool, config: str = "comparison", work: str = "runs/benchmarks") -> dict:
-    from constrained_opt.diffusion.ddpm import EvalSettings, demo
-    from constrained_opt.diffusion.report import gap_table, metrics_table
+    from constrained_opt.diffusion.evaluation.generated import EvalSettings
+    from constrained_opt.diffusion.evaluation.report import gap_table, metrics_table
+    from constrained_opt.diffusion.jobs.demo import demo
 
     cfg = dict(CONFIGS[config])
     if smoke:
@@ -148,7 +149,7 @@ VERDICT_METRICS = ("p_forget", "remaining_accuracy", "fid", "precision", "recall
 def verdicts(metrics: dict, ours: str = "erasediff") -> list[str]:
     """One line per other run: EraseDiff's interval verdict on each metric ("better", "worse", "not
     distinguishable" when the 95% intervals overlap)."""
-    from constrained_opt.diffusion.comparison import interval_verdict
+    from constrained_opt.diffusion.evaluation.statistics import interval_verdict
 
     lines = []
     for name, row in metrics.items():
@@ -190,8 +191,8 @@ def _references_without_costs(metrics: dict[str, dict]) -> dict[str, dict]:
 
 def markdown(result: dict) -> str:
     """The item's section of docs/benchmarks.md and docs/results.md (tables rendered from the metrics)."""
-    from constrained_opt.diffusion.ddpm import noise_floor_notes
-    from constrained_opt.diffusion.report import gap_table, metrics_table
+    from constrained_opt.diffusion.evaluation.report import gap_table, metrics_table
+    from constrained_opt.diffusion.jobs.demo import noise_floor_notes
 
     metrics = _references_without_costs(result["metrics"])
     return "\n".join(

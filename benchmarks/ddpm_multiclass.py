@@ -30,7 +30,7 @@ def bootstrap_interval(hits: torch.Tensor, generator: torch.Generator) -> tuple[
 
 def describe(metrics: dict, images, labels, classifier) -> dict:
     """The run's metrics, per-digit accuracy and bootstrap intervals of the forget/keep figures."""
-    from constrained_opt.diffusion.metrics import classifier_probs
+    from constrained_opt.diffusion.evaluation.metrics import classifier_probs
 
     probs = classifier_probs(classifier, images)
     g = torch.Generator().manual_seed(0)
@@ -46,11 +46,12 @@ def describe(metrics: dict, images, labels, classifier) -> dict:
 
 
 def run(device: torch.device, smoke: bool) -> dict:
-    from constrained_opt.diffusion.baselines import unlearn
     from constrained_opt.diffusion.data import load_data
-    from constrained_opt.diffusion.ddpm import EvalSettings, evaluate_unet, load_checked
+    from constrained_opt.diffusion.evaluation.generated import EvalSettings, evaluate_unet
+    from constrained_opt.diffusion.evaluation.multiclass import split_forget_classes
+    from constrained_opt.diffusion.jobs.common import load_checked
+    from constrained_opt.diffusion.methods.unlearn import unlearn
     from constrained_opt.diffusion.models import SHIPPED_CLASSIFIER, SHIPPED_UNET
-    from constrained_opt.diffusion.multiclass import split_forget_classes
 
     seeds = [0] if smoke else [0, 1, 2]
     steps = 2 if smoke else 300

@@ -26,18 +26,10 @@ import torch
 BATCH = {"tiny": 2, "digits": 64, "cifar10": 2}
 
 
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status: the CPU memory benchmark needs Linux")
-
-
 def worker(mode: str, preset: str, inner_steps: int, device_name: str) -> dict:
     from constrained_opt import ValueFunctionBilevelOptimizer
 
-    from .common import denoiser_problem
+    from .common import denoiser_problem, peak_rss
 
     device = torch.device(device_name)
     unet, retain, forget = denoiser_problem(preset, BATCH[preset], device)
@@ -60,7 +52,7 @@ def worker(mode: str, preset: str, inner_steps: int, device_name: str) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(2):
         step()
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
     param_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
     return {"peak_bytes": peak, "param_bytes": param_bytes}
 

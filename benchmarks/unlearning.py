@@ -35,11 +35,13 @@ def time_to_forget(device: torch.device, smoke: bool, recipes: dict = RECIPES) -
     The probe samples 20 images per class with 20 DDIM steps (the demo's evaluation uses 100 and 50)
     from fixed x_T and scores them with the demo's classifier; its time is not counted.
     """
-    from constrained_opt.diffusion.baselines import unlearn
     from constrained_opt.diffusion.data import load_data, split_forget
-    from constrained_opt.diffusion.ddpm import EvalSettings, cache_dir, generate, load_checked
-    from constrained_opt.diffusion.metrics import evaluate_generated
+    from constrained_opt.diffusion.evaluation.generated import EvalSettings, generate
+    from constrained_opt.diffusion.evaluation.metrics import evaluate_generated
+    from constrained_opt.diffusion.jobs.common import load_checked
+    from constrained_opt.diffusion.methods.unlearn import unlearn
     from constrained_opt.diffusion.models import SHIPPED_CLASSIFIER, SHIPPED_UNET
+    from constrained_opt.diffusion.runtime.paths import cache_dir
 
     data = load_data("digits")
     unet, classifier, _ = load_checked(data, SHIPPED_UNET, SHIPPED_CLASSIFIER, device)
@@ -130,7 +132,7 @@ def markdown(result: dict, comparison: dict | None = None) -> str:
 def _verdicts(result: dict, comparison: dict | None) -> list[str]:
     """The issue's time targets (EraseDiff ≤ 0.5× SalUn's time, ≤ 0.1× SA's) from the times above; the
     quality half of "equal or better forgetting and utility" from the comparison item's intervals."""
-    from constrained_opt.diffusion.comparison import interval_verdict
+    from constrained_opt.diffusion.evaluation.statistics import interval_verdict
 
     from .comparison import VERDICT_METRICS
 

@@ -8,8 +8,8 @@ MOO baseline, evaluated side by side; see ``docs/ddpm.md`` for every option.
 
 import sys
 
-from constrained_opt.diffusion.ddpm import demo
-from constrained_opt.diffusion.report import metrics_table
+from constrained_opt.diffusion.evaluation.report import metrics_table
+from constrained_opt.diffusion.jobs.demo import demo
 
 if __name__ == "__main__":
     forget_class = int(sys.argv[1]) if len(sys.argv) > 1 else 0

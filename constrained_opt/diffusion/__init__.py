@@ -1,16 +1,17 @@
-"""Class unlearning for diffusion models: data, ε-prediction losses, baselines, metrics and reports.
+"""Class unlearning for diffusion models, in one-way layers (a module imports only from its own layer or
+the layers above it in this list):
 
-Modules import their heavy dependencies (diffusers, torchvision, scikit-learn, torchmetrics, matplotlib)
-inside functions, so ``import constrained_opt`` needs only torch and numpy.
+1. :mod:`.runtime`: errors, atomic files, devices, output folders, provenance, resume bookkeeping;
+2. :mod:`.data`, :mod:`.models`, :mod:`.sampling`, :mod:`.losses`, :mod:`.train`: datasets in [-1, 1],
+   ``UNet2DModel`` presets with a null class and the evaluation CNN, DDPM/DDIM sampling with
+   classifier-free guidance, the ε-prediction losses, base-model training;
+3. :mod:`.evaluation`: metrics, several forget classes, statistics over seeds, tables and figures;
+4. :mod:`.methods`: EraseDiff and the baselines, one per module, and the shared unlearning loop;
+5. :mod:`.attacks`: attacks that try to bring an erased class or concept back;
+6. :mod:`.jobs`: ``train-base``, ``unlearn ddpm``, ``evaluate``, ``attack ddpm`` and ``demo``;
+7. :mod:`.cli`: the ``constrained-opt`` commands, each registering itself.
 
-- :mod:`.data`: datasets as in-memory tensors in [-1, 1], forget/retain split, resumable batch sampler.
-- :mod:`.models`: diffusers ``UNet2DModel`` presets with a null class, the evaluation CNN, checkpoints.
-- :mod:`.losses`: denoising loss, EraseDiff forget targets, SalUn mask, Selective Amnesia Fisher/EWC.
-- :mod:`.sampling`: DDPM/DDIM sampling with classifier-free guidance.
-- :mod:`.metrics`: P(y=c_f|x_f), entropy, accuracy, FID on classifier features, precision/recall, memory.
-- :mod:`.baselines`: EraseDiff and the baselines behind one step interface.
-- :mod:`.report`: atomic writes, metrics table, sample grids, the Fig. 2 cosine plot.
-- :mod:`.ddpm`: orchestration of ``train-base``, ``unlearn ddpm``, ``evaluate`` and ``demo``.
-- :mod:`.attacks`: attacks that try to bring an erased class back (``constrained-opt attack ddpm``);
-  :mod:`.attacks_cli` registers ``attack {ddpm,sd}``.
+:mod:`.sd` holds the Stable Diffusion side. Modules import their heavy dependencies (diffusers,
+torchvision, scikit-learn, torchmetrics, matplotlib) inside functions, so ``import constrained_opt``
+needs only torch and numpy.
 """

@@ -1,11 +1,16 @@
-"""The exception types of the diffusion jobs: :class:`UsageError`, which the CLI turns into a one-line
-message and exit status 2, and :class:`EvaluationError`, which marks one model's row as failed."""
+"""Deprecated alias of ``constrained_opt.diffusion.errors``, kept for one release. Moved to:
 
+- ``constrained_opt.diffusion.runtime.errors``
+"""
 
-class UsageError(Exception):
-    """Bad user input (class out of range, unknown dataset, missing path, mismatched checkpoint)."""
+import warnings
 
+from constrained_opt.diffusion.runtime.errors import EvaluationError, UsageError  # noqa: F401
 
-class EvaluationError(Exception):
-    """A model cannot be evaluated (its samples or their features are not finite); the report shows its
-    row as failed with this reason and the other rows are still computed."""
+MOVED_TO = ("constrained_opt.diffusion.runtime.errors",)
+
+warnings.warn(
+    f"{__name__} is deprecated; import from " + ", ".join(MOVED_TO),
+    DeprecationWarning,
+    stacklevel=2,
+)

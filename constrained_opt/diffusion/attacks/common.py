@@ -1,0 +1,125 @@
+"""What the attacks on DDPM and Stable Diffusion share: the DDPM attack :class:`Budget`, an embedding
+table with appended rows, the simplex projection, the bootstrap interval and the loss record."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..runtime.errors import UsageError
+
+MIXTURE_STARTS = ("best", "uniform")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The fixed budget of every attack. Defaults: minutes per model on 2 CPU cores for the digits DDPM.
+
+    - inversion / mixture: ``num_images`` (N) real images of c_f, ``steps`` Adam steps of batch
+      ``batch_size`` at ``inversion_lr`` / ``mixture_lr``; the mixture starts at :func:`best_start`
+      (``mixture_start="best"``) or at the uniform point as UnlearnDiffAtk (``"uniform"``);
+    - relearn: ``relearn_images`` (n) real images of c_f, ``relearn_steps`` (m) steps of batch n at
+      ``relearn_lr``, probed every ``probe_every`` steps;
+    - benign: ``benign_steps`` steps of batch ``batch_size`` on the retained classes at ``relearn_lr``,
+      probed every ``benign_probe_every`` steps;
+    - evaluation: ``samples`` images of the attacked class, DDIM ``sampling_steps``, CFG ``guidance``;
+      probes use ``probe_samples`` images and DDIM ``probe_sampling_steps``;
+    - ``seed`` fixes the image subsets, every (t, ε) draw and the sampling noise x_T.
+    """
+
+    num_images: int = 32
+    steps: int = 300
+    batch_size: int = 32
+    inversion_lr: float = 0.1
+    mixture_lr: float = 0.01
+    mixture_start: str = field(default="best", metadata={"choices": MIXTURE_STARTS})
+    relearn_images: int = 8
+    relearn_steps: int = 60
+    relearn_lr: float = 1e-4
+    benign_steps: int = 100
+    probe_every: int = 5
+    benign_probe_every: int = 25
+    samples: int = 100
+    sampling_steps: int = 50
+    guidance: float = 2.0
+    probe_samples: int = 50
+    probe_sampling_steps: int = 25
+    seed: int = 0
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "seed":
+                continue
+            if "choices" in f.metadata:
+                if value not in f.metadata["choices"]:
+                    raise UsageError(
+                        f"attack budget: {f.name} must be one of {', '.join(f.metadata['choices'])}"
+                    )
+            elif f.name == "guidance":
+                if not value >= 0:
+                    raise UsageError(f"attack budget: guidance must be ≥ 0, got {value}")
+            elif not value > 0:
+                raise UsageError(f"attack budget: {f.name} must be positive, got {value}")
+
+
+class AppendedEmbedding(nn.Module):
+    """An ``nn.Embedding`` with rows appended: index ``first + i`` reads ``extra()[i]``, others the table.
+
+    ``extra`` is called on every forward pass, so the rows may be a function of attack variables
+    (e = wᵀE for the mixture). The original table is kept as a submodule and read, never copied or
+    written. ``first`` defaults to the table size; a tokenizer whose length is below its embedding
+    table's (padded vocabularies) assigns new tokens lower ids, which are redirected all the same.
+    """
+
+    def __init__(self, table: nn.Embedding, extra: Callable[[], Tensor], first: int | None = None):
+        super().__init__()
+        self.table, self.extra = table, extra
+        self.first = table.num_embeddings if first is None else first
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = self.extra().to(self.table.weight)
+        is_new = (ids >= self.first).unsqueeze(-1)
+        base = self.table(ids.clamp(max=self.table.num_embeddings - 1))
+        return torch.where(is_new, rows[(ids - self.first).clamp(0, len(rows) - 1)], base)
+
+
+def project_simplex(v: Tensor) -> Tensor:
+    """Euclidean projection of each row of ``v`` onto the probability simplex {w ≥ 0, Σw = 1}.
+
+    The sort-based algorithm (Held et al. 1974; Duchi et al. 2008): with u sorted descending and
+    ρ = max{j : u_j − (Σ_{i≤j} u_i − 1)/j > 0}, w = max(v − τ, 0) for τ = (Σ_{i≤ρ} u_i − 1)/ρ.
+    Hand-written: no library in our dependencies has it, and UnlearnDiffAtk's bisection is slower.
+    """
+    u = v.sort(dim=-1, descending=True).values
+    css = u.cumsum(-1) - 1
+    j = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
+    rho = ((u - css / j) > 0).sum(-1, keepdim=True)
+    tau = css.gather(-1, rho - 1) / rho.to(v.dtype)
+    return (v - tau).clamp_min(0)
+
+
+def bootstrap_ci(values: Tensor, seed: int, resamples: int = 1000, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of mean(values) over resampled samples."""
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(values), (resamples, len(values)), generator=generator)
+    means = values.double()[idx].mean(-1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=means.dtype))
+    return [lo.item(), hi.item()]
+
+
+def loss_record(losses: list[float], t0: float) -> dict[str, Any]:
+    """Mean loss over the first and the last tenth of the steps (single-batch losses are noisy)."""
+    window = max(1, len(losses) // 10)
+    return {
+        "steps": len(losses),
+        "loss_first": sum(losses[:window]) / window,
+        "loss_last": sum(losses[-window:]) / window,
+        "time_s": time.perf_counter() - t0,
+    }

@@ -1,0 +1,91 @@
+"""What a comparison runs: :func:`plan_runs` turns the demo's options (methods, ``--variant``, ``--hp``,
+budgets) into a list of :class:`Run` (a label, the method it runs, its hyperparameters, steps and batch
+size)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..methods.registry import METHODS, PUBLISHED, parse_hparams
+from ..runtime.errors import UsageError
+
+MATCHED = "moo_matched"  # MOO with w = the mean λ of EraseDiff's run on the same seed
+
+
+@dataclass(frozen=True)
+class Run:
+    """A row of the comparison: ``label`` runs ``method`` with ``hparams``, ``steps`` × ``batch_size``."""
+
+    label: str
+    method: str
+    hparams: dict = field(default_factory=dict)
+    steps: int = 300
+    batch_size: int = 64
+
+
+def parse_budget(text: str) -> tuple[int, int]:
+    """``"1000x128"`` → (1000, 128)."""
+    steps, sep, batch = text.partition("x")
+    try:
+        out = int(steps), int(batch)
+    except ValueError:
+        out = (0, 0)
+    if not sep or min(out) < 1:
+        raise UsageError(f"a budget is STEPSxBATCH with positive integers, e.g. 1000x128; got {text!r}")
+    return out
+
+
+def plan_runs(
+    methods: tuple[str, ...],
+    *,
+    variants: tuple[str, ...] = (),
+    hp: tuple[str, ...] = (),
+    forget_target: str = "rl",
+    steps: int = 300,
+    batch_size: int = 64,
+    published: bool = False,
+    budgets: tuple[str, ...] = (),
+) -> list[Run]:
+    """EraseDiff first, then ``methods`` (names of :data:`~.baselines.METHODS`, or ``moo_matched``),
+    then ``variants`` (``LABEL=METHOD[:KEY=VALUE,...]``).
+
+    ``hp`` items are ``LABEL.KEY=VALUE`` (a method's name is its label). ``forget_target`` applies to
+    every run whose method takes one, unless set explicitly. Budgets: ``steps`` × ``batch_size`` for
+    all, or (``published``) each method's published one (:data:`~.baselines.PUBLISHED`); ``budgets``
+    items ``LABEL=STEPSxBATCH`` override either.
+    """
+    specs: dict[str, tuple[str, list[str]]] = {}
+    for name in ("erasediff", *methods):
+        if name not in METHODS and name != MATCHED:
+            raise UsageError(f"unknown method {name!r}; expected some of {', '.join([*METHODS, MATCHED])}")
+        specs[name] = ("moo" if name == MATCHED else name, [])
+    for item in variants:
+        label, eq, rest = item.partition("=")
+        method, _, pairs = rest.partition(":")
+        if not eq or not label or method not in METHODS:
+            raise UsageError(
+                f"--variant expects LABEL=METHOD[:KEY=VALUE,...] with a known method, got {item!r}"
+            )
+        if label in specs:
+            raise UsageError(f"--variant label {label!r} is already used")
+        specs[label] = (method, [p for p in pairs.split(",") if p])
+    for item in hp:
+        label, dot, pair = item.partition(".")
+        if not dot or (label not in specs and label not in METHODS and label != MATCHED):
+            raise UsageError(f"--hp expects LABEL.KEY=VALUE with a known method or variant, got {item!r}")
+        if label in specs:  # settings of methods not run this time are ignored
+            specs[label][1].append(pair)
+    overrides = dict(item.split("=", 1) if "=" in item else (item, "") for item in budgets)
+    for label in overrides:
+        if label not in specs:
+            raise UsageError(f"--budget for {label!r}, which is not run; run labels: {', '.join(specs)}")
+    runs = []
+    for label, (method, pairs) in specs.items():
+        takes_target = "forget_target" in METHODS[method].Hyper.__dataclass_fields__
+        if takes_target and not any(p.startswith("forget_target=") for p in pairs):
+            pairs = [f"forget_target={forget_target}", *pairs]
+        budget = PUBLISHED[method] if published else (steps, batch_size)
+        if label in overrides:
+            budget = parse_budget(overrides[label])
+        runs.append(Run(label, method, parse_hparams(method, pairs), *budget))
+    return runs
