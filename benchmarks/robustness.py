@@ -3,7 +3,7 @@
 The digits DDPM forgets class 0 with each method at the demo's budget (300 steps, batch 64, Adam lr
 1e-4, the methods' default hyperparameters), once per seed; then every model — the base model, the
 Retrain reference (trained without class 0, when shipped), and each scrubbed one — goes through the four
-attacks of :mod:`constrained_opt.diffusion.attacks` at their default :class:`~.Budget`, with the attack
+attacks of :mod:`constrained_opt.diffusion.attacks.ddpm` at their default :class:`~.Budget`, with the attack
 seed equal to the unlearning seed (base and Retrain: one attack per seed). Figures are means over seeds
 with 95% Student-t half-widths; the base model's and Retrain's spreads over attack seeds are the noise
 floor. Per (model, seed) results and the scrubbed models are kept in ``work`` so an interrupted run
@@ -128,10 +128,9 @@ def run(
     work: str = "runs/benchmarks/robustness",
     models: list[str] | None = None,
 ) -> dict:
-    from constrained_opt.diffusion.attacks import Budget, attack_unet
+    from constrained_opt.diffusion.attacks.ddpm import Budget, attack_unet
     from constrained_opt.diffusion.baselines import unlearn
     from constrained_opt.diffusion.data import load_data, split_forget
-    from constrained_opt.diffusion.io import read_json, write_json
     from constrained_opt.diffusion.models import (
         ASSETS,
         SHIPPED_CLASSIFIER,
@@ -140,6 +139,7 @@ def run(
         load_unet,
         save_unet,
     )
+    from constrained_opt.diffusion.runtime.io import read_json, write_json
 
     data = load_data("digits")
     retain, forget = split_forget(data, FORGET_CLASS)
@@ -258,7 +258,7 @@ def _order(label: str) -> tuple[int, str]:
 def summarise(runs: list[dict[str, dict]], budget_kw: dict) -> dict[str, dict]:
     """Each figure over the runs (seeds): mean and 95% Student-t half-width; for a single run, the
     bootstrap half-width over samples where there is one (``interval`` says which)."""
-    from constrained_opt.diffusion.attacks import Budget
+    from constrained_opt.diffusion.attacks.ddpm import Budget
 
     budget = Budget(**budget_kw)
     figures = [flatten(r, budget) for r in runs]
@@ -355,7 +355,7 @@ def markdown(result: dict) -> str:
 
 def update_doc(result: dict, command: str, item: str = "robustness", path: str = DOC) -> None:
     """Replace the text between ``item``'s markers in ``path`` with the table and its provenance."""
-    from constrained_opt.diffusion.io import write_text
+    from constrained_opt.diffusion.runtime.io import write_text
 
     begin, end = f"<!-- {item}:begin -->", f"<!-- {item}:end -->"
     with open(path, encoding="utf-8") as f:

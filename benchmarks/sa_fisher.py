@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 
 def run(device: torch.device, smoke: bool) -> dict:
-    from constrained_opt.diffusion.io import load_state
     from constrained_opt.diffusion.losses import diffuse, unet_eps
     from constrained_opt.diffusion.models import ASSETS, SHIPPED_UNET, load_unet
+    from constrained_opt.diffusion.runtime.io import load_state
     from constrained_opt.diffusion.sampling import make_scheduler, sample
 
     shipped = sorted(glob.glob(os.path.join(ASSETS, "sa-prep-*.safetensors")))

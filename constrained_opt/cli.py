@@ -6,7 +6,7 @@ Subcommands live in registries so other modules add theirs without touching the 
 and returns the function that runs the parsed namespace. Heavy imports happen inside the runners.
 
 User errors print one line on stderr and exit with status 2, never a traceback: argparse errors (every
-numeric option is range-checked while parsing, see :mod:`~constrained_opt.diffusion.argtypes`),
+numeric option is range-checked while parsing, see :mod:`~constrained_opt.diffusion.cli.args`),
 :class:`~constrained_opt.diffusion.errors.UsageError`, and the optimizer refusing a step (a diverging
 run) or a setting. Ctrl-C exits with 130 and says how to resume. ``--help`` shows every default.
 """
@@ -18,7 +18,8 @@ import os
 import sys
 from collections.abc import Callable
 
-from .diffusion.argtypes import COUNT, INDEX, NON_NEGATIVE, POSITIVE, SEED, int_in
+from .diffusion.cli.args import COUNT, INDEX, NON_NEGATIVE, POSITIVE, SEED, int_in
+from .diffusion.cli.parser import add_common as _add_common
 from .diffusion.multiclass import class_list
 
 Runner = Callable[[argparse.Namespace], None]
@@ -68,11 +69,6 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
 def _add_eval(p: argparse.ArgumentParser, per_class: int = 100) -> None:
     g = p.add_argument_group("evaluation sampling")
     g.add_argument(
@@ -99,8 +95,8 @@ def _eval_settings(args: argparse.Namespace, seed: int = 0):
 
 def _shipped_default(args: argparse.Namespace, attr: str, what: str, description: str) -> str:
     """``args.<attr>``, or the checkpoint shipped for ``args.data`` (digits, mnist5k)."""
-    from .diffusion.errors import UsageError
     from .diffusion.models import shipped
+    from .diffusion.runtime.errors import UsageError
 
     value = getattr(args, attr)
     if value is None:
@@ -343,7 +339,7 @@ def _unlearn_ddpm(p: argparse.ArgumentParser) -> Runner:
     def run(args: argparse.Namespace) -> None:
         from .diffusion.baselines import parse_hparams
         from .diffusion.ddpm import UnlearnJob, unlearn_ddpm
-        from .diffusion.errors import UsageError
+        from .diffusion.runtime.errors import UsageError
 
         classes = args.forget_class
         forget_class = classes[0] if len(classes) == 1 else classes
@@ -405,8 +401,8 @@ def _evaluate(p: argparse.ArgumentParser) -> Runner:
 
     def run(args: argparse.Namespace) -> None:
         from .diffusion.ddpm import evaluate_checkpoints
-        from .diffusion.errors import UsageError
         from .diffusion.report import metrics_table
+        from .diffusion.runtime.errors import UsageError
 
         models = {}
         for spec in args.model:
@@ -433,9 +429,10 @@ def _evaluate(p: argparse.ArgumentParser) -> Runner:
     return run
 
 
-from .diffusion.sd.cli import register as _register_sd  # noqa: E402
+from .diffusion.cli import sd as _sd_cli  # noqa: E402
 
-_register_sd(command, unlearn_target, _add_common)  # `unlearn sd` and `sd {generate,nudenet,ua,...}`
+unlearn_target("sd", _sd_cli.UNLEARN_HELP)(_sd_cli.build_unlearn)  # `unlearn sd`
+command("sd", _sd_cli.COMMAND_HELP)(_sd_cli.build_sd)  # `sd {generate,nudenet,ua,...}`
 from .diffusion.attacks_cli import register as _register_attacks  # noqa: E402
 
 _register_attacks(command, _add_common)  # `attack {ddpm,sd}`
@@ -478,7 +475,7 @@ _OPTIMIZER_MODULES = ("optimizer.py", "functional.py", "rules.py", "_flat.py")
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Called with ``argv=None`` (the ``constrained-opt`` process itself), it also
     picks torch's thread count from the CPUs that are free (:mod:`constrained_opt.threads`)."""
-    from .diffusion.errors import UsageError
+    from .diffusion.runtime.errors import UsageError
 
     args = build_parser().parse_args(argv)
     if argv is None:

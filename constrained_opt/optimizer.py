@@ -31,7 +31,7 @@ from torch.amp.grad_scaler import OptState
 from . import functional as F
 from . import rules as R
 from ._flat import CONSTRAINT_ROW, Bucket, FlatLayout
-from .errors import ClosureError, OptimizerError, SettingError, UpdateError
+from .errors import ClosureError, UpdateError
 
 Closure = Callable[[], Tensor]
 Hyperparameter = float | Sequence[float] | Mapping[str, float]

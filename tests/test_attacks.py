@@ -11,12 +11,12 @@ import torch
 pytest.importorskip("diffusers")
 
 from constrained_opt.cli import main
-from constrained_opt.diffusion import attacks
-from constrained_opt.diffusion.attacks import Budget, attacked_embedding, project_simplex
+from constrained_opt.diffusion.attacks import ddpm as attacks
+from constrained_opt.diffusion.attacks.ddpm import Budget, attacked_embedding, project_simplex
 from constrained_opt.diffusion.data import load_data, split_forget
-from constrained_opt.diffusion.errors import UsageError
 from constrained_opt.diffusion.losses import denoising_loss, diffuse, unet_eps
 from constrained_opt.diffusion.models import Classifier, build_unet, save_classifier, save_unet
+from constrained_opt.diffusion.runtime.errors import UsageError
 from constrained_opt.diffusion.sampling import make_scheduler
 
 TINY = Budget(

@@ -8,11 +8,10 @@ budget dataclasses, so the CLI, the Python API and the docs share one set of def
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 from collections.abc import Callable
 
-from .argtypes import COUNT, NON_NEGATIVE, POSITIVE, SEED
+from .cli.budget import add_budget_flags, budget_from
 
 Runner = Callable[[argparse.Namespace], None]
 AddCommon = Callable[[argparse.ArgumentParser], None]
@@ -39,41 +38,6 @@ DDPM_HELP = {
 }
 
 
-# Range checks while parsing (argtypes): counts ≥ 1, seeds, finite rates > 0, guidance and decay ≥ 0.
-NON_NEGATIVE_FIELDS = ("guidance", "prefix_weight_decay")
-
-
-def flag_type(name: str, default):
-    if name == "seed":
-        return SEED
-    if isinstance(default, int):
-        return COUNT
-    if isinstance(default, float):
-        return NON_NEGATIVE if name in NON_NEGATIVE_FIELDS else POSITIVE
-    return str
-
-
-def add_budget_flags(p: argparse.ArgumentParser, budget_cls, helps: dict[str, str], title: str) -> None:
-    """One ``--field-name`` flag per budget field, typed, range-checked and defaulted from the dataclass."""
-    g = p.add_argument_group(title)
-    for f in dataclasses.fields(budget_cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = flag_type(f.name, f.default)
-        extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
-        g.add_argument(
-            flag,
-            dest=f.name,
-            type=kind,
-            default=f.default,
-            help=f"{helps[f.name]} (default %(default)s)",
-            **extra,
-        )
-
-
-def budget_from(args: argparse.Namespace, budget_cls):
-    return budget_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(budget_cls)})
-
-
 def register(command, add_common: AddCommon) -> None:
     """Register ``attack`` with ``constrained_opt.cli``'s ``command`` decorator; ``add_common`` adds the
     CLI's shared ``--device``/``--quiet`` flags."""
@@ -83,16 +47,18 @@ def register(command, add_common: AddCommon) -> None:
 
 
 def _attack(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
+    from .cli import sd as sd_cli
+
     sub = p.add_subparsers(dest="attack_target", required=True, metavar="{ddpm,sd}")
     runners = {
         "ddpm": _attack_ddpm(sub.add_parser("ddpm", help="attacks on a class-conditional DDPM"), add_common),
-        "sd": _attack_sd(sub.add_parser("sd", help="attacks on a Stable Diffusion pipeline"), add_common),
+        "sd": sd_cli.build_attack(sub.add_parser("sd", help=sd_cli.ATTACK_HELP)),
     }
     return lambda args: runners[args.attack_target](args)
 
 
 def _attack_ddpm(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
-    from .attacks import ATTACKS, Budget
+    from .attacks.ddpm import ATTACKS, Budget
 
     p.description = "concept inversion, embedding mixture, relearning and benign fine-tuning on a DDPM"
     p.add_argument(
@@ -119,9 +85,9 @@ def _attack_ddpm(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
     add_common(p)
 
     def run(args: argparse.Namespace) -> None:
-        from .attacks import attack_ddpm, parse_attacks
-        from .errors import UsageError
+        from .attacks.ddpm import attack_ddpm, parse_attacks
         from .models import SHIPPED_CLASSIFIER
+        from .runtime.errors import UsageError
 
         classifier = args.classifier
         if classifier is None:
@@ -142,24 +108,5 @@ def _attack_ddpm(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
             progress=not args.quiet,
         )
         print(f"wrote {args.out}/report.md, attack.json, attack_samples.png")
-
-    return run
-
-
-def _attack_sd(p: argparse.ArgumentParser, add_common: AddCommon) -> Runner:
-    from .sd.attacks import SD_HELP, SDBudget, add_sd_arguments
-
-    p.description = (
-        "textual inversion (CCE), an UnlearnDiffAtk-style k-token prompt prefix, and relearning on a "
-        "Stable Diffusion pipeline"
-    )
-    add_sd_arguments(p)
-    add_budget_flags(p, SDBudget, SD_HELP, "attack budget (defaults: the published attacks' GPU budgets)")
-    add_common(p)
-
-    def run(args: argparse.Namespace) -> None:
-        from .sd.attacks import run_from_args
-
-        run_from_args(args, budget_from(args, SDBudget))
 
     return run

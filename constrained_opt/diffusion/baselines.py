@@ -47,8 +47,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .data import BatchSampler, ImageData
-from .errors import UsageError
-from .io import load_state, save_state
 from .losses import (
     FORGET_TARGETS,
     antithetic_timesteps,
@@ -67,6 +65,8 @@ from .metrics import PeakMemory
 from .models import ASSETS, null_class
 from .multiclass import as_classes, class_rows, forget_sampler, is_forgotten
 from .resume import check_resume, restoring, run_config
+from .runtime.errors import UsageError
+from .runtime.io import load_state, save_state
 from .sampling import SAMPLERS, make_scheduler, sample
 
 # Published (steps, batch size) per method: the EraseDiff paper §8 ("batch size 128, lr 1e-4, around

@@ -15,8 +15,8 @@ import statistics
 from dataclasses import dataclass, field
 
 from .baselines import METHODS, PUBLISHED, parse_hparams
-from .errors import UsageError
 from .metrics import METRICS, mean_ci95
+from .runtime.errors import UsageError
 
 MATCHED = "moo_matched"  # MOO with w = the mean λ of EraseDiff's run on the same seed
 LOWER_IS_BETTER = {

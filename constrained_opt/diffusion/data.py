@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import UsageError
+from .runtime.errors import UsageError
 
 DATA_KINDS = ("digits", "mnist5k", "cifar10", "imagefolder")
 EMBEDDED = ("digits", "mnist5k")  # data sets that ship inside an installed wheel: no path

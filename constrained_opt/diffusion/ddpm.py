@@ -23,8 +23,6 @@ from torch import Tensor
 from .baselines import BASELINES, UnlearnResult, method_class, unlearn
 from .comparison import MATCHED, Run, aggregate, plan_runs
 from .data import ImageData, check_class, load_data, split_forget
-from .errors import EvaluationError, UsageError
-from .io import load_state, read_json, save_state, write_json, write_text
 from .metrics import (
     METRICS,
     bootstrap_ci95,
@@ -47,6 +45,10 @@ from .models import (
 from .multiclass import check_classes, evaluate_classes, is_forgotten, split_forget_classes
 from .report import DISPLAY, gap_table, metrics_table, save_cosine_plot, save_sample_grid, write_report
 from .resume import check_resume, run_config
+from .runtime.device import resolve_device
+from .runtime.errors import EvaluationError, UsageError
+from .runtime.io import load_state, read_json, save_state, write_json, write_text
+from .runtime.paths import cache_dir, check_output_dir
 from .sampling import NUM_TRAIN_TIMESTEPS, SAMPLERS, sample
 from .train import train_classifier, train_unet
 
@@ -81,30 +83,6 @@ class EvalSettings:
             raise UsageError(f"sampling steps must be in [1, {NUM_TRAIN_TIMESTEPS}], got {self.num_steps}")
         if not (math.isfinite(self.guidance) and self.guidance >= 0):
             raise UsageError(f"guidance must be a finite number ≥ 0, got {self.guidance}")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; an explicit CUDA request without CUDA is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but CUDA is not available")
-    return device
-
-
-def check_output_dir(path: str) -> None:
-    """The output directory may exist (as a directory) or be creatable; never a file."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"output path exists and is not a directory: {path}")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot create output directory {path}")
 
 
 def check_steps(steps: int, batch_size: int) -> None:
@@ -265,12 +243,6 @@ def evaluate_unet(
 def _file_digest(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
-
-
-def cache_dir(override: str | None = None) -> str:
-    return override or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "constrained_opt"
-    )
 
 
 # ------------------------------------------------------------------------------------------- unlearn ddpm
@@ -658,7 +630,7 @@ def run_seed(ctx: DemoContext, seed: int, out: str) -> tuple[dict[str, dict], di
                 flush=True,
             )
     if ctx.attacks:
-        from .attacks import demo_attacks
+        from .attacks.ddpm import demo_attacks
 
         models = {
             **ctx.references,
@@ -732,7 +704,7 @@ def demo(
     label, the means under the usual keys plus ``ci95`` (95% Student-t half-widths over seeds),
     ``gap_to_retrain`` and, for EraseDiff-like runs, the distribution of λ. ``bootstrap`` > 0 adds
     bootstrap half-widths over the evaluation samples (used as ``ci95`` when there is one seed).
-    ``attacks``: also attack every model of every seed (:func:`.attacks.demo_attacks`: base, Retrain and
+    ``attacks``: also attack every model of every seed (:func:`.attacks.ddpm.demo_attacks`: base, Retrain and
     each run whose evaluation did not fail), adding ``attack_*`` keys and an "under attack" table.
     """
     t_start = time.perf_counter()
@@ -867,7 +839,7 @@ def noise_floor_notes(floor: dict) -> list[str]:
 
 def under_attack(results: dict[str, dict]) -> str:
     """The "under attack" block of table.md when the models were attacked (``demo --attacks``)."""
-    from .attacks import attack_table
+    from .attacks.ddpm import attack_table
 
     table = attack_table(results, DISPLAY)
     return (

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .errors import EvaluationError, UsageError
+from .runtime.errors import EvaluationError, UsageError
 
 
 class FeatureExtractor(nn.Module):

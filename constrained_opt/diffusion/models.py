@@ -17,8 +17,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .errors import UsageError
-from .io import load_tensors, save_tensors
+from .runtime.errors import UsageError
+from .runtime.io import load_tensors, save_tensors
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 SHIPPED_UNET = os.path.join(ASSETS, "digits_unet.safetensors")

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from .data import BatchSampler, ImageData, check_class
-from .errors import UsageError
 from .metrics import classifier_probs, evaluate_generated
+from .runtime.errors import UsageError
 
 ForgetClasses = int | tuple[int, ...]
 

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from .io import atomic_path, write_text
+from .runtime.io import atomic_path, write_text
 
 # (metrics.json key, column title, format)
 COLUMNS = (

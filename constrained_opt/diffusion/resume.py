@@ -21,7 +21,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from .errors import UsageError
+from .runtime.errors import UsageError
 
 FLAGS = {
     "method": "--method",

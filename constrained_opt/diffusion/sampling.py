@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .errors import UsageError
 from .models import null_class
+from .runtime.errors import UsageError
 
 NUM_TRAIN_TIMESTEPS = 1000
 SAMPLERS = ("ddim", "ddpm")

@@ -42,13 +42,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .data import BatchSampler, ImageData, check_class, split_forget
-from .errors import UsageError
-from .io import atomic_path, write_json, write_text
-from .losses import denoising_loss, diffuse, unet_eps
-from .metrics import classifier_probs, forget_scores
-from .models import null_class
-from .sampling import make_scheduler, sample
+from ..data import BatchSampler, ImageData, check_class, split_forget
+from ..losses import denoising_loss, diffuse, unet_eps
+from ..metrics import classifier_probs, forget_scores
+from ..models import null_class
+from ..runtime.errors import UsageError
+from ..runtime.io import atomic_path, write_json, write_text
+from ..sampling import make_scheduler, sample
+from .common import AppendedEmbedding, loss_record, project_simplex
 
 ATTACKS = ("inversion", "mixture", "relearn", "benign")
 RELEARN_THRESHOLD = 0.5
@@ -108,27 +109,6 @@ class Budget:
 
 
 # ------------------------------------------------------------------------------------------- mechanics
-class AppendedEmbedding(nn.Module):
-    """An ``nn.Embedding`` with rows appended: index ``first + i`` reads ``extra()[i]``, others the table.
-
-    ``extra`` is called on every forward pass, so the rows may be a function of attack variables
-    (e = wᵀE for the mixture). The original table is kept as a submodule and read, never copied or
-    written. ``first`` defaults to the table size; a tokenizer whose length is below its embedding
-    table's (padded vocabularies) assigns new tokens lower ids, which are redirected all the same.
-    """
-
-    def __init__(self, table: nn.Embedding, extra: Callable[[], Tensor], first: int | None = None):
-        super().__init__()
-        self.table, self.extra = table, extra
-        self.first = table.num_embeddings if first is None else first
-
-    def forward(self, ids: Tensor) -> Tensor:
-        rows = self.extra().to(self.table.weight)
-        is_new = (ids >= self.first).unsqueeze(-1)
-        base = self.table(ids.clamp(max=self.table.num_embeddings - 1))
-        return torch.where(is_new, rows[(ids - self.first).clamp(0, len(rows) - 1)], base)
-
-
 @contextlib.contextmanager
 def attacked_embedding(unet, extra: Callable[[], Tensor]) -> Iterator[int]:
     """Within the block, class label ``index`` (yielded) conditions ``unet`` on ``extra()[0]``, and the
@@ -147,21 +127,6 @@ def attacked_embedding(unet, extra: Callable[[], Tensor]) -> Iterator[int]:
         unet.class_embedding = table
         for p, flag in zip(unet.parameters(), flags, strict=True):
             p.requires_grad_(flag)
-
-
-def project_simplex(v: Tensor) -> Tensor:
-    """Euclidean projection of each row of ``v`` onto the probability simplex {w ≥ 0, Σw = 1}.
-
-    The sort-based algorithm (Held et al. 1974; Duchi et al. 2008): with u sorted descending and
-    ρ = max{j : u_j − (Σ_{i≤j} u_i − 1)/j > 0}, w = max(v − τ, 0) for τ = (Σ_{i≤ρ} u_i − 1)/ρ.
-    Hand-written: no library in our dependencies has it, and UnlearnDiffAtk's bisection is slower.
-    """
-    u = v.sort(dim=-1, descending=True).values
-    css = u.cumsum(-1) - 1
-    j = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
-    rho = ((u - css / j) > 0).sum(-1, keepdim=True)
-    tau = css.gather(-1, rho - 1) / rho.to(v.dtype)
-    return (v - tau).clamp_min(0)
 
 
 def bootstrap_ci(values: Tensor, seed: int, resamples: int = 1000, level: float = 0.95) -> list[float]:
@@ -269,17 +234,6 @@ def optimise_embedding(
             losses.append(loss.item())
     unet.train(was_training)
     return losses
-
-
-def loss_record(losses: list[float], t0: float) -> dict[str, Any]:
-    """Mean loss over the first and the last tenth of the steps (single-batch losses are noisy)."""
-    window = max(1, len(losses) // 10)
-    return {
-        "steps": len(losses),
-        "loss_first": sum(losses[:window]) / window,
-        "loss_last": sum(losses[-window:]) / window,
-        "time_s": time.perf_counter() - t0,
-    }
 
 
 def concept_inversion(
@@ -583,8 +537,8 @@ def cached_attack(
     and budget is reused instead; the samples are then None."""
     import hashlib
 
-    from .io import read_json
-    from .models import load_unet
+    from ..models import load_unet
+    from ..runtime.io import read_json
 
     with open(path, "rb") as f:
         key = {
@@ -717,9 +671,10 @@ def attack_ddpm(
     with the same checkpoint, attacks and budget. Every input is loaded and checked before anything is
     written.
     """
-    from .data import load_data
-    from .ddpm import check_output_dir, resolve_device
-    from .models import check_classifier_matches, check_unet_matches, load_classifier, load_unet
+    from ..data import load_data
+    from ..models import check_classifier_matches, check_unet_matches, load_classifier, load_unet
+    from ..runtime.device import resolve_device
+    from ..runtime.paths import check_output_dir
 
     budget = budget or Budget()
     check_output_dir(out)
