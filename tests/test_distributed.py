@@ -101,8 +101,12 @@ def train(model, module, K, ranks, m=1):
 
 def _worker(rank, store, out):
     import torch.distributed as dist
+    from accelerate.state import AcceleratorState, GradientState
 
     torch.set_num_threads(1)
+    # forked from a pytest process that may hold a single-process accelerate state (tests that ran before)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD)
     )

@@ -11,7 +11,12 @@ needs only torch and numpy.
 - :mod:`.params`: ESD's parameter sets (noxattn/xattn/full).
 - :mod:`.lora`: LoRA adapters on those sets, written for ``pipe.load_lora_weights``.
 - :mod:`.latents`: self-generated forget/retain sets, cached on disk as latents (resumable).
-- :mod:`.train`: EraseDiff, ESD and SalUn through accelerate, ``unlearn_sd``.
 - :mod:`.evaluate`: generation from I2P-style CSVs, NudeNet counts, UA, CLIP score, FID.
-- :mod:`.cli`: ``constrained-opt unlearn sd`` and ``constrained-opt sd {generate,nudenet,ua,clip-score,fid}``.
+- :mod:`.job`: the settings of one ``unlearn sd`` run (:class:`~.job.SDJob`).
+- :mod:`.methods`: EraseDiff, ESD and SalUn through accelerate.
+
+The ``unlearn sd`` and ``attack sd`` jobs are in :mod:`constrained_opt.diffusion.jobs` (``sd_unlearn``,
+``sd_attack``), the attacks in :mod:`constrained_opt.diffusion.attacks.sd` and the commands in
+:mod:`constrained_opt.diffusion.cli.sd`. :mod:`.attacks`, :mod:`.train` and :mod:`.cli` are deprecated
+aliases of those.
 """

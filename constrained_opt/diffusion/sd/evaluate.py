@@ -25,8 +25,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ..errors import UsageError
-from ..io import atomic_path
+from ..runtime.errors import UsageError
+from ..runtime.io import atomic_path
 from .prompts import class_prompt, imagenette_classes, nudity_prompts
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")

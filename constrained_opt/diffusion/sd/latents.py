@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..data import ImageData
-from ..io import load_tensors, save_tensors, write_json
+from ..runtime.io import load_tensors, save_tensors, write_json
 
 
 def fingerprint(pipe) -> str:

@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from ..errors import UsageError
+from ..runtime.errors import UsageError
 
 SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
 

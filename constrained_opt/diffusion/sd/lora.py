@@ -19,7 +19,7 @@ import tempfile
 
 import torch
 
-from ..errors import UsageError
+from ..runtime.errors import UsageError
 from .params import trains
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UsageError
+from ..runtime.errors import UsageError
 
 PARAM_SETS = ("noxattn", "xattn", "full")
 NOXATTN_EXCLUDED = ("conv_norm_out.", "conv_out.", "time_embedding.", "add_embedding.")

@@ -20,7 +20,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from ..errors import UsageError
+from ..runtime.errors import UsageError
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 CONCEPTS = ("nudity",)  # concepts with a shipped prompt set; any other text is a free-text concept

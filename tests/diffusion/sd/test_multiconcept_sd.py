@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 import sd_tiny
 
 from constrained_opt.cli import main
-from constrained_opt.diffusion.errors import UsageError
+from constrained_opt.diffusion.runtime.errors import UsageError
 from constrained_opt.diffusion.sd import prompts
 
 FAST = "--num-forget 4 --num-retain 4 --resolution 16 --gen-steps 2 --grid-steps 2 --batch-size 2 --quiet"

@@ -1,4 +1,4 @@
-"""Stable Diffusion attacks (``constrained_opt.diffusion.sd.attacks``) on the tiny offline pipeline."""
+"""Stable Diffusion attacks (``constrained_opt.diffusion.attacks.sd``) on the tiny offline pipeline."""
 
 import json
 import shlex
@@ -12,9 +12,9 @@ pytest.importorskip("transformers")
 import sd_tiny
 
 from constrained_opt.cli import main
+from constrained_opt.diffusion.attacks import sd as attacks
 from constrained_opt.diffusion.data import ImageData
-from constrained_opt.diffusion.errors import UsageError
-from constrained_opt.diffusion.sd import attacks
+from constrained_opt.diffusion.runtime.errors import UsageError
 
 one_thread = sd_tiny.one_thread  # autouse: the tiny models run fastest on one intra-op thread
 

@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 import sd_tiny
 
-from constrained_opt.diffusion.sd import latents, prompts, train
+from constrained_opt.diffusion.sd import latents, params, prompts
 from constrained_opt.diffusion.sd.loading import SD14_UNET_CONFIG
 
 one_thread = sd_tiny.one_thread  # autouse: the tiny models run fastest on one intra-op thread
@@ -40,9 +40,9 @@ def test_erasediff_noxattn_end_to_end(model, cache, tmp_path):
 
     before, after = unet_params(os.path.join(model, "unet")), unet_params(out / "unet")
     diff = changed(before, after)
-    assert diff and all(train.trains(n, "noxattn") for n in diff)
+    assert diff and all(params.trains(n, "noxattn") for n in diff)
     assert not any("attn2" in n for n in diff)  # every cross-attention parameter bit-identical
-    trained = {n for n in before if train.trains(n, "noxattn")}
+    trained = {n for n in before if params.trains(n, "noxattn")}
     assert record["trained_parameters"] == sum(before[n].numel() for n in trained)
 
     # The scrubbed UNet runs inside the original pipeline.
@@ -94,7 +94,7 @@ def test_salun_updates_only_salient_weights(model, cache, tmp_path):
     cmd = "unlearn sd --model {} --concept nudity --method salun --keep 0.3 --steps 2 --out {} --cache-dir {}"
     assert run(cmd, model, out, cache) == 0
     before, after = unet_params(os.path.join(model, "unet")), unet_params(out / "unet")
-    trained = [n for n in before if train.trains(n, "noxattn")]
+    trained = [n for n in before if params.trains(n, "noxattn")]
     moved = sum((before[n] != after[n]).sum().item() for n in trained)
     total = sum(before[n].numel() for n in trained)
     assert 0 < moved <= 0.3 * total + 1  # Adam leaves a parameter whose gradient is always masked alone
@@ -170,8 +170,8 @@ def test_parameter_sets_on_the_sd14_unet():
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD14_UNET_CONFIG)
     names = [n for n, _ in unet.named_parameters()]
-    sets = {m: {n for n in names if train.trains(n, m)} for m in train.PARAM_SETS}
-    excluded = {n for n in names if n.startswith(train.NOXATTN_EXCLUDED)}
+    sets = {m: {n for n in names if params.trains(n, m)} for m in params.PARAM_SETS}
+    excluded = {n for n in names if n.startswith(params.NOXATTN_EXCLUDED)}
     assert sets["full"] == set(names)
     assert sets["xattn"] == {n for n in names if "attn2" in n}
     assert sets["noxattn"] == set(names) - sets["xattn"] - excluded

@@ -281,16 +281,16 @@ def _sd_worker(rank, store, out, model, cache):
     )
     os.environ["OMP_NUM_THREADS"] = "1"
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    from constrained_opt.diffusion.sd import train
+    from constrained_opt.diffusion.jobs import sd_unlearn
 
     records = []
-    original = train.unlearn_sd
+    original = sd_unlearn.unlearn_sd
 
     def keep(job):
         records.append(original(job))
         return records[-1]
 
-    train.unlearn_sd = keep
+    sd_unlearn.unlearn_sd = keep
     args = f"unlearn sd {FAST} --model {model} --concept nudity --train-params lora --lora-target xattn "
     args += f"--steps 2 --lr 1e-2 --inner-steps 1 --gradient-accumulation-steps 2 --cache-dir {cache} "
     args += f"--out {os.path.join(out, 'sd')}"

@@ -13,7 +13,7 @@ pytest.importorskip("peft")
 
 import sd_tiny
 
-from constrained_opt.diffusion.errors import UsageError
+from constrained_opt.diffusion.runtime.errors import UsageError
 from constrained_opt.diffusion.sd import lora, model, params
 from constrained_opt.diffusion.sd.loading import SDXL_UNET_CONFIG, load_pipeline, pipeline_class
 

@@ -1,0 +1,136 @@
+"""The settings of one ``unlearn sd`` run (:class:`SDJob`), validated, and their choices."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..runtime.errors import UsageError
+from .params import PARAM_SETS
+from .prompts import Task
+
+TRAIN_PARAMS = (*PARAM_SETS, "lora")
+METHODS = ("erasediff", "esd", "salun")
+MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+OPTIMIZERS = ("adam", "adam8bit")
+DEFAULT_BATCH = {"erasediff": 16, "esd": 1, "salun": 8}
+ESD_STEPS = 1000
+
+
+@dataclass
+class SDJob:
+    """One ``unlearn sd`` run. ``steps``/``batch_size`` default per method (see :meth:`resolved`)."""
+
+    model: str
+    out: str
+    task: Task
+    method: str = "erasediff"
+    train_params: str = "noxattn"
+    lora_rank: int = 4
+    lora_alpha: float | None = None  # None: the rank (α/r = 1)
+    lora_target: str = "noxattn"
+    merge: bool = False
+    steps: int | None = None
+    batch_size: int | None = None
+    gradient_accumulation_steps: int = 1  # micro-batches per step, each of batch_size
+    num_forget: int = 400
+    num_retain: int = 400
+    resolution: int | None = None  # None: the model's native size (UNet sample_size × VAE factor)
+    lr: float = 1e-5
+    inner_steps: int = 2
+    inner_lr: float | None = None
+    eta: float = 1.0
+    max_grad_norm: float = 1.0
+    negative_guidance: float = 1.0
+    start_guidance: float = 3.0
+    alpha: float = 0.5
+    keep: float = 0.5
+    gen_steps: int = 50
+    gen_guidance: float = 7.5
+    gen_batch_size: int = 4
+    grid_prompts: tuple[str, ...] | None = None
+    grid_images: int = 2
+    grid_steps: int = 50
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    optimizer: str = "adam"
+    seed: int = 0
+    cache_dir: str | None = None
+    config: str | None = None
+    original_config: str | None = None
+    offline: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+    def resolved(self) -> SDJob:
+        """Validated, with the per-method defaults filled in: batch 16 (EraseDiff), 1 (ESD), 8 (SalUn);
+        steps = 5 epochs over D_f (EraseDiff, SalUn: the authors' nudity runs) or 1000 (ESD);
+        inner_lr = lr."""
+        self.validate()
+        batch = self.batch_size or DEFAULT_BATCH[self.method]
+        groups = len(self.task.groups)
+        if groups and self.method != "esd" and min(batch, self.num_forget) < groups:
+            raise UsageError(
+                f"{groups} concepts need --batch-size and --num-forget of at least {groups} "
+                "(every forget batch holds every concept)"
+            )
+        steps = self.steps or (ESD_STEPS if self.method == "esd" else math.ceil(5 * self.num_forget / batch))
+        inner_lr = self.lr if self.inner_lr is None else self.inner_lr
+        alpha = float(self.lora_rank) if self.lora_alpha is None else self.lora_alpha
+        return dataclasses.replace(self, batch_size=batch, steps=steps, inner_lr=inner_lr, lora_alpha=alpha)
+
+    @property
+    def lora(self) -> bool:
+        return self.train_params == "lora"
+
+    def validate(self) -> None:
+        choices = (
+            ("method", METHODS),
+            ("train_params", TRAIN_PARAMS),
+            ("lora_target", PARAM_SETS),
+            ("mixed_precision", tuple(MIXED_PRECISION)),
+            ("optimizer", OPTIMIZERS),
+        )
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(
+                    f"unknown {flag} {getattr(self, name)!r}; expected one of {', '.join(allowed)}"
+                )
+        positive = (
+            "steps",
+            "batch_size",
+            "num_forget",
+            "num_retain",
+            "resolution",
+            "gen_steps",
+            "gen_batch_size",
+            "grid_images",
+            "grid_steps",
+            "lora_rank",
+            "gradient_accumulation_steps",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        for name in ("lr", "max_grad_norm"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.inner_steps < 0 or self.eta < 0 or (self.inner_lr is not None and self.inner_lr < 0):
+            raise UsageError("--inner-steps, --inner-lr and --eta must be >= 0")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise UsageError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        if self.merge and not self.lora:
+            raise UsageError("--merge fuses a LoRA adapter into the UNet: it needs --train-params lora")
+        if self.resolution is not None and self.resolution % 8:
+            raise UsageError(
+                f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {self.resolution}"
+            )
+        if not 0 < self.keep <= 1:
+            raise UsageError(f"SalUn --keep must be in (0, 1], got {self.keep}")
+        if self.grid_prompts is not None and not all(p.strip() for p in self.grid_prompts):
+            raise UsageError("--grid-prompt must be a non-empty prompt")
