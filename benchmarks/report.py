@@ -54,6 +54,7 @@ def _step_overhead(res: dict, suffix: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     rows = res["rows"]
+    against = rows[0].get("against") if all("ratio_against" in r for r in rows) else None
     out = [
         f"## 1. step_overhead{suffix}",
         "",
@@ -65,16 +66,26 @@ def _step_overhead(res: dict, suffix: str) -> list[str]:
         "plain step does not have: zeroing both rows, accumulating into them (autograd steals a fresh",
         "gradient when `.grad` is None), the Gram pass, the δ axpy, and for K ≥ 1 θ's copy and restore;",
         "about ten passes over n. " + _misses(rows),
+        *(
+            [
+                "",
+                f"`new / old`: this revision's step over that of revision `{against}` (`--against`), timed",
+                "in the same interleaved rounds; a refactor must stay within noise of 1.",
+            ]
+            if against
+            else []
+        ),
         "",
         "| model | params | batch | K | step / (closures + base step) | same, fastest rounds "
-        "| step / closures |",
-        "|---|---|---|---|---|---|---|",
+        "| step / closures |" + (" new / old | same, fastest rounds |" if against else ""),
+        "|---|---|---|---|---|---|---|" + ("---|---|" if against else ""),
     ]
     for r in rows:
         fastest = f"{r['ratio_of_minima']:.3f}" if "ratio_of_minima" in r else "–"
+        compared = f" {r['ratio_against']:.3f} | {r['ratio_against_of_minima']:.3f} |" if against else ""
         out.append(
             f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['batch']} | {r['K']} | {r['ratio']:.3f} | "
-            f"{fastest} | {r['ratio_vs_closures_only']:.3f} |"
+            f"{fastest} | {r['ratio_vs_closures_only']:.3f} |{compared}"
         )
     fig, ax = plt.subplots(figsize=(6, 3))
     labels = [f"{r['model']}\nK={r['K']}" for r in rows]

@@ -17,4 +17,4 @@ def test_core_needs_only_torch_and_numpy():
 
 
 def test_cli_parser_loads_no_diffusion_stack():
-    assert not imported_after("from constrained_opt import cli; cli.build_parser()") & set(HEAVY)
+    assert not imported_after("from constrained_opt.diffusion import cli; cli.build_parser()") & set(HEAVY)
