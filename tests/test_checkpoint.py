@@ -243,7 +243,7 @@ def test_tied_weights_are_saved_and_restored(tmp_path):
     assert torch.equal(other[0].weight, model[0].weight) and other[1].weight is other[0].weight
 
 
-# ---------------------------------------------------------------------- all or nothing (issue 10, item 7)
+# ---------------------------------------------------------------------- all or nothing
 
 
 def rewrite(path, edit_structure=None, edit_metadata=None, checksum=True):

@@ -1,4 +1,4 @@
-"""The command picks torch's threads from the free CPUs on a busy machine (issue 10, item 10)."""
+"""The command picks torch's threads from the free CPUs on a busy machine."""
 
 import os
 import sys

@@ -1,5 +1,5 @@
 """A step is all or nothing, even when interrupted inside the base step; nothing non-finite reaches θ;
-extreme gradient magnitudes; the torch.optim object contract (issue 10, items 1, 2, 3, 8, 9)."""
+extreme gradient magnitudes; the torch.optim object contract."""
 
 import copy
 import math

@@ -1,4 +1,4 @@
-"""A model that samples NaN fails its own row, not the process (issue 10, item 6)."""
+"""A model that samples NaN fails its own row, not the process."""
 
 import json
 

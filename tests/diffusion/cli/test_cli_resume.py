@@ -1,4 +1,4 @@
-"""``--resume`` continues only the run it was given (issue 10, item 4), on untrained tiny models."""
+"""``--resume`` continues only the run it was given, on untrained tiny models."""
 
 import json
 import shutil
