@@ -51,19 +51,21 @@ class Gram:
     def __init__(self, gg: Tensor, rr: Tensor, gr: Tensor) -> None:
         m = 1 if gg.dim() == 0 else gg.shape[-1]
         top = torch.cat([gg.reshape(m, m), gr.reshape(m, 1)], 1)
-        self._set(torch.cat([top, torch.cat([gr.reshape(1, m), rr.reshape(1, 1)], 1)], 0))
+        matrix = torch.cat([top, torch.cat([gr.reshape(1, m), rr.reshape(1, 1)], 1)], 0)
+        self._set(matrix, vector_blocks=gg.dim() == 2)
 
     @classmethod
-    def of(cls, matrix: Tensor) -> Gram:
-        """The Gram whose matrix is ``matrix`` (shared, not copied)."""
+    def of(cls, matrix: Tensor, vector_blocks: bool = False) -> Gram:
+        """The Gram whose matrix is ``matrix`` (shared, not copied). One constraint gets 0-dim blocks
+        unless ``vector_blocks`` ([1, 1] and [1], as for a ``[1, n]`` constraint matrix)."""
         g = cls.__new__(cls)
-        g._set(matrix)
+        g._set(matrix, vector_blocks)
         return g
 
-    def _set(self, matrix: Tensor) -> None:
+    def _set(self, matrix: Tensor, vector_blocks: bool) -> None:
         k = matrix.shape[0] - 1
         self._matrix = matrix
-        if k == 1:
+        if k == 1 and not vector_blocks:
             self.gg, self.rr, self.gr = matrix[0, 0], matrix[1, 1], matrix[0, 1]
         else:
             self.gg, self.rr, self.gr = matrix[:k, :k], matrix[k, k], matrix[:k, k]
@@ -72,7 +74,7 @@ class Gram:
         return iter((self.gg, self.rr, self.gr))
 
     def __add__(self, other: Gram) -> Gram:
-        return Gram.of(self._matrix + other._matrix)
+        return Gram.of(self._matrix + other._matrix, vector_blocks=self.gg.dim() == 2)
 
     def __repr__(self) -> str:
         return f"Gram(gg={self.gg}, rr={self.rr}, gr={self.gr})"
@@ -164,15 +166,7 @@ def gram(constraint_grad: Tensor, retain_grad: Tensor, dtype: torch.dtype | None
         )
     acc = dtype or accumulation_dtype(torch.promote_types(constraint_grad.dtype, retain_grad.dtype))
     m = gram_rows(torch.cat([c.to(acc), r.to(acc)[None]]))
-    return gram_from_matrix(m) if constraint_grad.dim() != 2 else _matrix_blocks(m)
-
-
-def _matrix_blocks(m: Tensor) -> Gram:
-    """m ≥ 1 constraints with [m, m]/[m] blocks, also for m = 1 (a ``[1, n]`` constraint matrix)."""
-    g = Gram.of(m)
-    k = m.shape[0] - 1
-    g.gg, g.gr = m[:k, :k], m[:k, k]
-    return g
+    return Gram.of(m, vector_blocks=constraint_grad.dim() == 2)
 
 
 def gram_from_matrix(m: Tensor) -> Gram:

@@ -43,17 +43,13 @@ class ProjectionPlan:
         self.dtype = torch.float64 if wide else torch.float32  # the Gram's accumulation dtype
 
     def grams(self, dtype: torch.dtype | None = None) -> list[Tensor]:
-        """One (m+1)×(m+1) Gram per block, accumulated in ``dtype`` (default: each bucket's accumulation
-        dtype); partial Grams of sharded buckets are all-reduced over their shard groups."""
-        partials = [[F.gram_rows(rows, dtype) for _, rows in parts] for _, parts in self.blocks]
+        """One (m+1)×(m+1) Gram per block on ``self.device``, accumulated in ``dtype`` (default:
+        ``self.dtype``); partial Grams of sharded buckets are all-reduced over their shard groups."""
+        acc = dtype or self.dtype
+        partials = [[F.gram_rows(rows, acc) for _, rows in parts] for _, parts in self.blocks]
         if self.layout.sharded:
             sum_over_shards(partials, [[b.shard_groups for b, _ in parts] for _, parts in self.blocks])
-        out = []
-        for partial in partials:
-            acc = torch.float64 if any(g.dtype == torch.float64 for g in partial) else torch.float32
-            device = partial[0].device
-            out.append(sum((g.to(device=device, dtype=acc) for g in partial[1:]), partial[0].to(acc)))
-        return out
+        return [_summed(g.to(self.device) for g in partial) for partial in partials]
 
 
 class Solution(NamedTuple):
@@ -83,7 +79,7 @@ def solve(
     device, acc = plan.device, dtype or plan.dtype
     grams, combos = [], []
     for (group_index, _), matrix in zip(plan.blocks, plan.grams(dtype), strict=True):
-        gram = F.Gram.of(matrix.to(device=device, dtype=acc) * torch.outer(unscale, unscale))
+        gram = F.Gram.of(matrix * torch.outer(unscale, unscale))
         values = {
             k: v if isinstance(v, float | int) else v.to(dtype=acc, device=device)
             for k, v in hyper[group_index].items()
