@@ -29,6 +29,7 @@ ITEMS = (
     "comparison",
     "ablation",
     "comparison_mnist5k",
+    "sa_tuning",
     "sa_fisher",
     "robustness",
     "robustness_published",
@@ -40,12 +41,18 @@ SLOW = (
     "comparison",
     "ablation",
     "comparison_mnist5k",
+    "sa_tuning",
     "robustness",
     "robustness_published",
 )
 DEFAULT = tuple(item for item in ITEMS if item not in SLOW)
 # items sharing a module
-MODULE = {"ablation": "comparison", "comparison_mnist5k": "comparison", "robustness_published": "robustness"}
+MODULE = {
+    "ablation": "comparison",
+    "comparison_mnist5k": "comparison",
+    "sa_tuning": "comparison",
+    "robustness_published": "robustness",
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -197,6 +197,7 @@ COMPARISON_TITLES = {
     "comparison": "11. comparison: digits, 3 seeds, published budgets",
     "ablation": "12. ablation: EraseDiff's inner loop through the outer Adam, and the literal η coupling",
     "comparison_mnist5k": "13. comparison on mnist5k: one seed, bootstrap intervals",
+    "sa_tuning": "17. Selective Amnesia's λ swept at 1000 steps: digits, seed 0 (selection)",
 }
 
 
@@ -419,6 +420,7 @@ SECTIONS = {
     "ablation": _comparison,
     "comparison_mnist5k": _comparison,
     "sa_fisher": _sa_fisher,
+    "sa_tuning": _comparison,
 }
 
 
