@@ -243,8 +243,14 @@ SA_FORGOT, SA_KEPT = 0.05, 0.98
 
 def select_sa_lambda(metrics: dict[str, dict]) -> float:
     """SA's λ chosen from the ``sa_tuning`` rows (labels ``sa_lam<λ>``) by the rule above."""
-    rows = {float(label.removeprefix("sa_lam")): row for label, row in metrics.items() if label.startswith("sa_lam")}
+    rows = {
+        float(label.removeprefix("sa_lam")): row
+        for label, row in metrics.items()
+        if label.startswith("sa_lam")
+    }
     if not rows:
         raise ValueError("no sa_lam<λ> rows: run `python -m benchmarks --only sa_tuning` first")
-    good = [lam for lam, r in rows.items() if r["p_forget"] <= SA_FORGOT and r["remaining_accuracy"] >= SA_KEPT]
+    good = [
+        lam for lam, r in rows.items() if r["p_forget"] <= SA_FORGOT and r["remaining_accuracy"] >= SA_KEPT
+    ]
     return max(good) if good else min(rows, key=lambda lam: (rows[lam]["p_forget"], -lam))

@@ -135,16 +135,19 @@ def timestep_summed_fisher(
     label_dropout: float,
     n_chunks: int = 20,
     timesteps: Tensor | None = None,
+    scale: float = 1.0,
     progress: bool = False,
 ) -> dict[str, Tensor]:
-    """Selective Amnesia's diagonal Fisher: F = (1/N) Σ_i (∇_θ Σ_t ℓ_i(t))², with
+    """Selective Amnesia's diagonal Fisher: F = (1/N) Σ_i (s · ∇_θ Σ_t ℓ_i(t))², with
     ℓ_i(t) = ‖ε_{i,t} − ε_θ(√ᾱ_t x_i + √(1−ᾱ_t) ε_{i,t}, t | c̃_{i,t})‖² summed over pixels.
 
     As in the release's ``save_fim``: the per-sample loss is summed over *all* T timesteps (one fresh ε
     per (i, t); c̃ = ∅ with probability ``label_dropout``, the model's training-mode condition drop)
     before the gradient is squared, and the squares are averaged over the N samples. The timesteps are
     processed in ``n_chunks`` batches whose gradients accumulate (memory only; the sum is the same).
-    The model runs in eval mode, as in the release. ``timesteps`` (default 0..T−1) exists for tests.
+    The model runs in eval mode, as in the release. ``timesteps`` defaults to 0..T−1; summing every k-th
+    timestep with ``scale`` s = k makes s·Σ an unbiased estimate of the full sum, so F keeps the
+    release's magnitude (s = 1 over a subset gives ~1/k² of it).
     """
     from tqdm.auto import tqdm
 
@@ -161,7 +164,7 @@ def timestep_summed_fisher(
             x = x0[i : i + 1].expand(len(t), *x0.shape[1:])
             c = drop_labels(cond[i : i + 1].expand(len(t)), null, label_dropout, generator)
             b = diffuse(scheduler, x, c, generator, t)
-            (b.noise - eps(b.x_t, b.t, b.cond)).square().sum().backward()
+            (scale * (b.noise - eps(b.x_t, b.t, b.cond)).square().sum()).backward()
         for k, p in params.items():
             if p.grad is not None:
                 fisher[k] += p.grad.square()

@@ -192,6 +192,28 @@ def test_timestep_summed_fisher_matches_the_released_formula(scheduler, unet):
     assert sum(f.sum() for f in got.values()) > 0 and all((f >= 0).all() for f in got.values())
 
 
+def test_timestep_summed_fisher_scale_multiplies_the_summed_gradient(scheduler, unet):
+    """A strided sum rescaled by its stride s: F(s) = s² F(1) on the same draws."""
+    x0, c = batch(n=2, classes=(0, 5))
+    timesteps = torch.tensor([0, 500])
+
+    def fisher(scale):
+        return timestep_summed_fisher(
+            unet,
+            scheduler,
+            x0,
+            c,
+            torch.Generator().manual_seed(4),
+            label_dropout=0.0,
+            timesteps=timesteps,
+            scale=scale,
+        )
+
+    plain, scaled = fisher(1.0), fisher(500.0)
+    for k in plain:
+        torch.testing.assert_close(scaled[k], 500.0**2 * plain[k], rtol=1e-3, atol=1e-9)
+
+
 def test_ewc_penalty_is_the_fisher_weighted_squared_distance():
     anchor = {"w": torch.tensor([1.0, 2.0])}
     fisher = {"w": torch.tensor([0.5, 3.0])}

@@ -32,7 +32,7 @@ class SAHyper(Hyper):
     samples_per_class: int = 0  # 0: ⌈samples_fraction × training images per class⌉
     samples_fraction: float = 0.1  # SA's README: 500 generated per class for CIFAR-10's 5000
     n_chunks: int = 20  # fim.py --n_chunks (memory only)
-    fisher_stride: int = 1  # 1: the sum runs over all T timesteps, as released; k: every k-th (cheaper)
+    fisher_stride: int = 1  # 1: the sum runs over all T timesteps, as released; k: every k-th, × k (cheaper)
     fisher_label_dropout: float = 0.1  # save_fim's loss runs the model with cond_drop_prob 0.1
     fisher_input: str = "released"  # released: samples read back in [0, 1]; signed: in [-1, 1]
     sampler: str = "ddpm"  # sample.py: generalized sampler, 1000 steps, eta 1 (ancestral)
@@ -83,6 +83,8 @@ class SelectiveAmnesia(Method):
     def prepare(self, retain, forget):
         s, n = self.s, self.per_class(retain, forget)
         settings = {k: v for k, v in dataclasses.asdict(self.hp).items() if k not in ("gamma", "lam")}
+        if self.hp.fisher_stride > 1:  # a strided sum is rescaled by its stride (before: it was not)
+            settings["fisher_scale"] = self.hp.fisher_stride
         key = hashlib.sha256(f"{model_digest(s.unet)}{sorted(settings.items())}{n}".encode()).hexdigest()[:16]
         name = f"sa-prep-{key}.safetensors"
         path = os.path.join(s.cache, name) if s.cache else None
@@ -115,6 +117,7 @@ class SelectiveAmnesia(Method):
                 label_dropout=self.hp.fisher_label_dropout,
                 n_chunks=self.hp.n_chunks,
                 timesteps=torch.arange(0, s.num_timesteps, self.hp.fisher_stride),
+                scale=self.hp.fisher_stride,
                 progress=s.progress,
             )
             prep = {"images": images, "labels": labels, "fisher": fisher, "prep_s": time.perf_counter() - t0}
