@@ -30,6 +30,7 @@ ITEMS = (
     "ablation",
     "comparison_mnist5k",
     "sa_tuning",
+    "salun_transferred",
     "sa_fisher",
     "robustness",
     "robustness_published",
@@ -42,6 +43,7 @@ SLOW = (
     "ablation",
     "comparison_mnist5k",
     "sa_tuning",
+    "salun_transferred",
     "robustness",
     "robustness_published",
 )
@@ -51,6 +53,7 @@ MODULE = {
     "ablation": "comparison",
     "comparison_mnist5k": "comparison",
     "sa_tuning": "comparison",
+    "salun_transferred": "comparison",
     "robustness_published": "robustness",
 }
 

@@ -26,6 +26,9 @@ MOO_WEIGHTS = ("moo_w0.3=moo:forget_weight=0.3", "moo_w3=moo:forget_weight=3")
 # :func:`select_sa_lambda`, reported on seeds 1-3 by ``baselines_at_best``.
 SA_LAMBDAS = (10, 1, 0.3, 0.1, 0.03, 0.01)
 SA_SWEEP_STEPS = "1000x128"
+# SalUn with its retain weight transferred from CIFAR-10: α·d held at the release's 1e-3 × 3072 = 3.072
+# (d pixels; digits d = 64, so α = 0.048), instead of α = 1e-3 (α·d = 0.064 here).
+SALUN_ALPHA_D = 1e-3 * 3 * 32 * 32
 CONFIGS: dict[str, dict] = {
     "comparison": dict(
         data="digits",
@@ -62,6 +65,16 @@ CONFIGS: dict[str, dict] = {
         budgets=tuple(f"sa_lam{lam}={SA_SWEEP_STEPS}" for lam in SA_LAMBDAS),
         per_class=200,
         bootstrap=200,
+    ),
+    "salun_transferred": dict(
+        data="digits",
+        seeds=3,
+        methods=(),
+        variants=(f"salun_transferred=salun:alpha={SALUN_ALPHA_D / 64:g}",),
+        published_budgets=True,
+        budgets=(),
+        per_class=200,
+        bootstrap=0,
     ),
     "comparison_mnist5k": dict(
         data="mnist5k",
