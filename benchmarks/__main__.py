@@ -31,6 +31,7 @@ ITEMS = (
     "comparison_mnist5k",
     "sa_tuning",
     "salun_transferred",
+    "sa_tuned",
     "sa_fisher",
     "robustness",
     "robustness_published",
@@ -44,6 +45,7 @@ SLOW = (
     "comparison_mnist5k",
     "sa_tuning",
     "salun_transferred",
+    "sa_tuned",
     "robustness",
     "robustness_published",
 )
@@ -54,6 +56,7 @@ MODULE = {
     "comparison_mnist5k": "comparison",
     "sa_tuning": "comparison",
     "salun_transferred": "comparison",
+    "sa_tuned": "comparison",
     "robustness_published": "robustness",
 }
 

@@ -76,6 +76,17 @@ CONFIGS: dict[str, dict] = {
         per_class=200,
         bootstrap=0,
     ),
+    "sa_tuned": dict(  # SA at the λ that select_sa_lambda picks from the stored sa_tuning result
+        data="digits",
+        seed=1,  # seeds 1-3: not the selection seed
+        seeds=3,
+        methods=(),
+        variants=(),
+        published_budgets=True,
+        budgets=(f"sa_tuned={SA_SWEEP_STEPS}",),
+        per_class=200,
+        bootstrap=0,
+    ),
     "comparison_mnist5k": dict(
         data="mnist5k",
         seeds=1,
@@ -136,6 +147,8 @@ def run(device: torch.device, smoke: bool, config: str = "comparison", work: str
     from constrained_opt.diffusion.jobs.demo import demo
 
     cfg = dict(CONFIGS[config])
+    if config == "sa_tuned":
+        cfg["variants"] = (f"sa_tuned=sa:lam={tuned_sa_lambda(smoke):g}",)
     if smoke:
         cfg = {**cfg, "data": "digits", **SMOKE, "published_budgets": False, "budgets": ()}
         cfg["hp"] = SMOKE_HP
@@ -267,3 +280,17 @@ def select_sa_lambda(metrics: dict[str, dict]) -> float:
         lam for lam, r in rows.items() if r["p_forget"] <= SA_FORGOT and r["remaining_accuracy"] >= SA_KEPT
     ]
     return max(good) if good else min(rows, key=lambda lam: (rows[lam]["p_forget"], -lam))
+
+
+def tuned_sa_lambda(smoke: bool) -> float:
+    """λ for ``sa_tuned``: the rule applied to ``benchmarks/results/sa_tuning.json`` (the release's λ in
+    a smoke run, which must not depend on stored results)."""
+    from .common import RESULTS
+
+    if smoke:
+        return SA_LAMBDAS[0]
+    path = os.path.join(RESULTS, "sa_tuning.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} is missing: run `python -m benchmarks --only sa_tuning` first")
+    with open(path) as f:
+        return select_sa_lambda(json.load(f)["metrics"])
