@@ -30,6 +30,7 @@ ITEMS = (
     "ablation",
     "comparison_mnist5k",
     "sa_tuning",
+    "release_loop",
     "sa_fisher",
     "robustness",
     "robustness_published",
@@ -42,6 +43,7 @@ SLOW = (
     "ablation",
     "comparison_mnist5k",
     "sa_tuning",
+    "release_loop",
     "robustness",
     "robustness_published",
 )
@@ -51,6 +53,7 @@ MODULE = {
     "ablation": "comparison",
     "comparison_mnist5k": "comparison",
     "sa_tuning": "comparison",
+    "release_loop": "comparison",
     "robustness_published": "robustness",
 }
 

@@ -198,6 +198,7 @@ COMPARISON_TITLES = {
     "ablation": "12. ablation: EraseDiff's inner loop through the outer Adam, and the literal η coupling",
     "comparison_mnist5k": "13. comparison on mnist5k: one seed, bootstrap intervals",
     "sa_tuning": "17. Selective Amnesia's λ swept at 1000 steps: digits, seed 0 (selection)",
+    "release_loop": "18. the authors' released EraseDiff loop at K = 1, 2, 4: digits, 3 seeds",
 }
 
 
@@ -421,6 +422,7 @@ SECTIONS = {
     "comparison_mnist5k": _comparison,
     "sa_fisher": _sa_fisher,
     "sa_tuning": _comparison,
+    "release_loop": _comparison,
 }
 
 
