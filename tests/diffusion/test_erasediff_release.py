@@ -246,6 +246,15 @@ def test_hyperparameters_are_checked():
     )
 
 
+def test_demo_takes_the_method_and_its_hyperparameters_by_name(tmp_path, capsys):
+    runs = plan_runs(("erasediff_release",), hp=("erasediff_release.inner_steps=2",))
+    assert (runs[1].label, runs[1].hparams["inner_steps"]) == ("erasediff_release", 2)
+    out = tmp_path / "demo"
+    bad = ["--methods", "erasediff_release", "--hp", "erasediff_release.inner_steps=0"]
+    assert main(["demo", *bad, "--out", str(out), "--quiet"]) == 2
+    assert "inner_steps" in capsys.readouterr().err and not out.exists()
+
+
 def test_cli_unlearn_runs_the_released_loop(tmp_path):
     paths = ddpm_tiny.write_base(tmp_path)
     out = tmp_path / "u"
