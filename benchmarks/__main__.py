@@ -32,6 +32,7 @@ ITEMS = (
     "sa_tuning",
     "salun_transferred",
     "sa_tuned",
+    "release_loop",
     "sa_fisher",
     "robustness",
     "robustness_published",
@@ -46,6 +47,7 @@ SLOW = (
     "sa_tuning",
     "salun_transferred",
     "sa_tuned",
+    "release_loop",
     "robustness",
     "robustness_published",
 )
@@ -57,6 +59,7 @@ MODULE = {
     "sa_tuning": "comparison",
     "salun_transferred": "comparison",
     "sa_tuned": "comparison",
+    "release_loop": "comparison",
     "robustness_published": "robustness",
 }
 

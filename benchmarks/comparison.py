@@ -1,13 +1,17 @@
-"""Items 11–13: the documented comparison (docs/results.md), run through ``constrained-opt demo``.
+"""Items 11–13, 17 and 18: the documented comparison (docs/results.md), run through ``constrained-opt demo``.
 
 - ``comparison``: digits, forget class 0, 3 seeds, every method at its published budget (SA capped),
   the Retrain reference, MOO at w = 1 and at w = EraseDiff's mean λ; 95% Student-t intervals over
   seeds, noise floors;
 - ``ablation``: digits, one seed with bootstrap intervals: MOO at other weights (w = 0.3, 3),
-  EraseDiff with its inner steps through the outer Adam (K = 1 and 3, the authors' loop) and with the
+  EraseDiff with its inner steps through the outer Adam (K = 1 and 3, an approximation of the
+  authors' loop: ``release_loop`` runs the loop as released) and with the
   paper's literal η coupling (a_t = η‖∇g‖² with η = the Adam step size 1e-4);
 - ``comparison_mnist5k``: mnist5k, forget class 0, one seed with bootstrap intervals over the
-  evaluation samples.
+  evaluation samples;
+- ``sa_tuning``: SA's λ swept at 1000 steps on seed 0 (the selection run);
+- ``release_loop``: digits, 3 seeds, the authors' released EraseDiff loop (``erasediff_release``) at
+  K = 1, 2, 4 inner passes over D_f, at its published budget (288 × 128).
 
 The demo's output folders (models per run and seed, samples, state) go under ``--work`` and are
 reused by ``--resume``-style restarts: an interrupted item continues where it stopped.
@@ -29,6 +33,9 @@ SA_SWEEP_STEPS = "1000x128"
 # SalUn with its retain weight transferred from CIFAR-10: α·d held at the release's 1e-3 × 3072 = 3.072
 # (d pixels; digits d = 64, so α = 0.048), instead of α = 1e-3 (α·d = 0.064 here).
 SALUN_ALPHA_D = 1e-3 * 3 * 32 * 32
+# K passes over D_f per burst in the authors' released loop (``erasediff_release``): does their Fig. 5a
+# (larger K erases more and raises FID) hold in their own loop?
+RELEASE_KS = (1, 2, 4)
 CONFIGS: dict[str, dict] = {
     "comparison": dict(
         data="digits",
@@ -71,6 +78,11 @@ CONFIGS: dict[str, dict] = {
         seeds=3,
         methods=(),
         variants=(f"salun_transferred=salun:alpha={SALUN_ALPHA_D / 64:g}",),
+    "release_loop": dict(
+        data="digits",
+        seeds=3,
+        methods=(),
+        variants=tuple(f"release_k{k}=erasediff_release:inner_steps={k}" for k in RELEASE_KS),
         published_budgets=True,
         budgets=(),
         per_class=200,

@@ -39,7 +39,7 @@ class DemoOptions:
         BASELINES,
         "--methods",
         "comma-separated runs beside EraseDiff (finetune, neggrad, moo, moo_matched, salun, sa, "
-        "erasediff_shared_adam), or 'none' (default: finetune,neggrad,moo,salun,sa)",
+        "erasediff_shared_adam, erasediff_release), or 'none' (default: finetune,neggrad,moo,salun,sa)",
         comma_list=True,
     )
     variants: tuple[str, ...] = option(

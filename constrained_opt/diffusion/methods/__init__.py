@@ -18,8 +18,13 @@ Defaults (per method, overridable with ``--hp key=value``); all use Adam at the 
 the update norm at 1.0 as in the authors' DDPM code:
 
 - ``erasediff``: rule ``grad_norm``, η = 1, K = 1 inner step at ξ = 1e-4, forget target ``rl``.
-- ``erasediff_shared_adam``: the same update, but the K inner steps go through the *outer* Adam (as
-  in the authors' release), whose moments then carry forget-loss gradients into the next update.
+- ``erasediff_shared_adam``: the same update, but the K inner steps go through the *outer* Adam
+  (approximating the authors' release), whose moments then carry forget-loss gradients into the next
+  update.
+- ``erasediff_release``: the authors' released loop (JingWu321/EraseDiff ``ddpm/runners/diffusion.py``
+  ``train_ours``): before every phase, K = 2 unclipped passes over D_f through the outer Adam, θ
+  restored; then δ = ∇L_r + λ∇L_f with λ = 0.1 (or the cosine rule), label dropout 0.1 in the forget
+  passes, target ``rl``.
 - ``moo``: Eq. 3 scalarised, δ = ∇L_r + w∇L_f with w = 1 (``rule="scalarized"``, K = 0), target ``rl``.
 - ``finetune``: L_r only.
 - ``neggrad``: −L_denoise on the forget batch (gradient ascent), nothing else.

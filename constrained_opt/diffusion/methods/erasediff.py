@@ -95,10 +95,12 @@ class EraseDiffPerClass(EraseDiff):
 
 
 class EraseDiffSharedAdam(Method):
-    """EraseDiff with the inner loop of the authors' release: φ^{k+1} = Adam step on L_f from φ^k,
-    taken by the *outer* Adam, then θ restored and δ = ∇L_r + λ∇g (``grad_norm`` rule) stepped by that
-    same Adam. The inner steps leave forget-loss gradients in Adam's moments and advance its step
-    count, so K changes the update here, unlike in :class:`EraseDiff` (docs/algorithm.md).
+    """EraseDiff with an approximation of the authors' inner loop: φ^{k+1} = clipped Adam step on L_f
+    from φ^k on this step's forget batch, taken by the *outer* Adam, then θ restored and
+    δ = ∇L_r + λ∇g (``grad_norm`` rule) stepped by that same Adam. The inner steps leave forget-loss
+    gradients in Adam's moments and advance its step count, so K changes the update here, unlike in
+    :class:`EraseDiff` (docs/algorithm.md). The loop as released is
+    :class:`~.erasediff_release.EraseDiffRelease`.
     """
 
     name = "erasediff_shared_adam"

@@ -8,6 +8,7 @@ from typing import Any
 from ..runtime.errors import UsageError
 from .base import Method, Setup
 from .erasediff import EraseDiff, EraseDiffPerClass, EraseDiffSharedAdam
+from .erasediff_release import EraseDiffRelease
 from .finetune import Finetune
 from .moo import Moo
 from .neggrad import NegGrad
@@ -17,10 +18,13 @@ from .salun import SalUn
 # Published (steps, batch size) per method: the EraseDiff paper §8 ("batch size 128, lr 1e-4, around
 # 300 training steps"), also used for its MOO/FT/NG baselines; SalUn's DDPM config
 # (configs/cifar10_saliency_unlearn.yml: n_iters 1000, batch_size 128); SA's
-# (configs/cifar10_forget.yml: n_iters 20000, batch_size 128).
+# (configs/cifar10_forget.yml: n_iters 20000, batch_size 128); EraseDiff's released loop
+# (JingWu321/EraseDiff ddpm/main.py: unl_eps 4 × S_steps 2 phases of ⌊rem_num 4500 / 128⌋ + 1 = 36
+# outer steps, train_batch_size 128).
 PUBLISHED: dict[str, tuple[int, int]] = {
     "erasediff": (300, 128),
     "erasediff_shared_adam": (300, 128),
+    "erasediff_release": (288, 128),
     "moo": (300, 128),
     "finetune": (300, 128),
     "neggrad": (300, 128),
@@ -30,7 +34,17 @@ PUBLISHED: dict[str, tuple[int, int]] = {
 
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (EraseDiff, Finetune, NegGrad, Moo, SalUn, SelectiveAmnesia, EraseDiffSharedAdam)
+    m.name: m
+    for m in (
+        EraseDiff,
+        Finetune,
+        NegGrad,
+        Moo,
+        SalUn,
+        SelectiveAmnesia,
+        EraseDiffSharedAdam,
+        EraseDiffRelease,
+    )
 }
 BASELINES = ("finetune", "neggrad", "moo", "salun", "sa")  # the demo's default comparison
 
