@@ -420,7 +420,8 @@ def attack_one_prompt(
     copies of ``z0``, fresh ε each step), then checks the attack prompt made of :meth:`SimplexPrefix.
     final_rows`. The first successful check ends the attack; ``check=None`` runs every stage unchecked.
     All randomness comes from :func:`prompt_seed`, so the result does not depend on the other prompts.
-    Returns the record with ``stage`` (the first successful stage, or None), the weights and the rows.
+    Returns the record with ``stage`` (the first successful stage, or None) and, unless stage 0
+    succeeded, the simplex ``weights`` and the attack prompt's token ``rows``.
     """
     from tqdm.auto import tqdm
 
