@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; no docs update")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=RESULTS, help="folder for the JSON results")
-    parser.add_argument("--no-docs", action="store_true", help="do not regenerate docs/benchmarks.md")
+    parser.add_argument("--no-docs", action="store_true", help="write no doc (benchmarks.md, items' pages)")
     parser.add_argument("--rounds", type=int, help="step_overhead: repetitions per configuration")
     parser.add_argument("--cifar-ks", type=int, nargs="+", help="step_overhead: K values for the 35.7M model")
     parser.add_argument(
@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         meta = {"device": str(device), "smoke": args.smoke, "command": command}
         path = write_result(item + suffix, {**meta, **payload}, args.out)
         print(f"wrote {path}")
-        if hasattr(module, "update_doc") and not args.smoke:
-            module.update_doc(payload, command, item)  # its own page (docs/robustness.md)
+        if hasattr(module, "update_doc") and not (args.smoke or args.no_docs):
+            module.update_doc(payload, command, item)  # its own block of its own page (docs/robustness.md)
     if not (args.smoke or args.no_docs):
         from .report import write_docs
 

@@ -379,8 +379,9 @@ def build_sd(p: argparse.ArgumentParser) -> Runner:
 
 def build_attack(p: argparse.ArgumentParser) -> Runner:
     p.description = (
-        "textual inversion (CCE), an UnlearnDiffAtk-style k-token prompt prefix, and relearning on a "
-        "Stable Diffusion pipeline"
+        "textual inversion (CCE), UnlearnDiffAtk's k-token prompt prefix (per prompt with a classifier "
+        "check after each stage, as released; --prefix-form universal: one prefix for all prompts), and "
+        "relearning on a Stable Diffusion pipeline"
     )
     add_attack_arguments(p)
     add_budget_flags(p, SDBudget, SD_HELP, "attack budget (defaults: the published attacks' GPU budgets)")
