@@ -144,7 +144,10 @@ def evaluate_classes(
     """:func:`~.metrics.evaluate_generated` for one or several forget classes.
 
     Several: ``p_forget`` is the mean over all forget-class samples of P(y = own class | x), with one
-    ``p_forget_c<k>`` per class beside it; accuracy, FID and precision/recall cover the other classes.
+    ``p_forget_c<k>`` per class beside it, and ``p_forget_set`` = mean over those samples of
+    P(y ∈ C_f | x) = Σ_{c ∈ C_f} P(y = c | x): a model that draws one forgotten class when asked for
+    another scores low on ``p_forget`` but not on ``p_forget_set``. Accuracy, FID and
+    precision/recall cover the other classes.
     """
     classes = as_classes(forget)
     mask = is_forgotten(labels, classes)
@@ -156,6 +159,7 @@ def evaluate_classes(
         probs = classifier_probs(classifier, samples[mask])
         out["p_forget"] = probs.gather(1, labels[mask].unsqueeze(1)).mean().item()
         out.update({f"p_forget_c{c}": probs[labels[mask] == c, c].mean().item() for c in classes})
+        out["p_forget_set"] = probs[:, list(classes)].sum(1).mean().item()
     return out
 
 
