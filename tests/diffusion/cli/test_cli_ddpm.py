@@ -48,6 +48,37 @@ def test_train_base_records_provenance(base):
     assert 0 <= record["classifier"]["val_accuracy"] <= 1
 
 
+def test_retrain_says_how_long_it_will_take_then_is_cached(base, tmp_path, capsys, monkeypatch):
+    """A class with no shipped Retrain model: the demo says up front that it trains one, for how many
+    steps and about how long (steps × one step's measured time), and how to skip it; the second time
+    the cached model is used and nothing is trained."""
+    from constrained_opt.diffusion.jobs import train_base as jobs
+
+    path = jobs.retrain_checkpoint("digits", 3, base["unet"], str(tmp_path), "cpu", False)
+    said = capsys.readouterr().out
+    assert "training it first with the base recipe (5 steps × batch 128), about " in said
+    assert "s/step measured" in said and "--no-retrain skips the Retrain row" in said
+    assert os.path.isfile(path) and os.path.dirname(path) in said
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(jobs, "train_base", no_training)
+    assert jobs.retrain_checkpoint("digits", 3, base["unet"], str(tmp_path), "cpu", False) == path
+    assert capsys.readouterr().out == ""
+
+
+def test_unet_step_seconds_leaves_the_global_rng_alone(base):
+    import torch
+
+    from constrained_opt.diffusion.data import load_data
+    from constrained_opt.diffusion.train import unet_step_seconds
+
+    state = torch.get_rng_state()
+    seconds = unet_step_seconds(load_data("digits"), preset="tiny", batch_size=8, steps=2)
+    assert seconds > 0 and torch.equal(torch.get_rng_state(), state)
+
+
 def test_demo_writes_the_full_report(base, tmp_path, capsys):
     out = tmp_path / "run"
     demo = "demo --checkpoint {} --classifier {} --steps 2 --batch-size 8 --out {} --cache-dir {}"
