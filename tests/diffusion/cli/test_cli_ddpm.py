@@ -82,11 +82,10 @@ def test_unet_step_seconds_leaves_the_global_rng_alone(base):
 def test_demo_writes_the_full_report(base, tmp_path, capsys):
     out = tmp_path / "run"
     demo = "demo --checkpoint {} --classifier {} --steps 2 --batch-size 8 --out {} --cache-dir {}"
-    demo += (
-        " --hp sa.samples_per_class=2 --hp sa.sampler=ddim --hp sa.fisher_stride=250 --hp erasediff.eta=0.5"
-    )
+    demo += " --hp erasediff.eta=0.5"
+    sa_hp = " --hp sa.samples_per_class=2 --hp sa.sampler=ddim --hp sa.fisher_stride=250"
     paths = base["unet"], base["classifier"], out, tmp_path / "cache"
-    assert cli(demo, *paths) == 0
+    assert cli(demo + sa_hp, *paths) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics) == ["base", "retrain", "erasediff", "finetune", "neggrad", "moo", "salun", "sa"]
     assert all(m.keys() >= METRIC_KEYS for name, m in metrics.items() if name not in ("base", "retrain"))
@@ -108,7 +107,7 @@ def test_demo_writes_the_full_report(base, tmp_path, capsys):
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     # Resume reuses finished methods; the base evaluation comes from the cache.
     capsys.readouterr()
-    assert cli(demo + " --resume --methods moo", *paths) == 0
+    assert cli(demo + " --resume --methods moo", *paths) == 0  # SA's --hp would be refused: not run
     printed = capsys.readouterr().out
     assert "erasediff (seed 0): done in a previous run" in printed and "evaluation cached" in printed
     assert list(json.loads((out / "metrics.json").read_text())) == ["base", "retrain", "erasediff", "moo"]
