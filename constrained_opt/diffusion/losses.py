@@ -75,13 +75,25 @@ def drop_labels(cond: Tensor, null: int, p: float, generator: torch.Generator) -
     return torch.where(drop, torch.full_like(cond, null), cond)
 
 
-def other_labels(labels: Tensor, num_classes: int, generator: torch.Generator) -> Tensor:
-    """c_m uniform over the classes ≠ each label: (c + U{1..C−1}) mod C.
+def other_labels(
+    labels: Tensor, num_classes: int, generator: torch.Generator, exclude: Tensor | None = None
+) -> Tensor:
+    """c_m uniform over the classes ≠ each label: (c + s) mod C with s ~ U{1..C−1}; with ``exclude``
+    (a set of classes that holds every label), uniform over the K classes outside it: the s-th of them
+    after c in cyclic order, s ~ U{1..K}, the same draw as without it when ``exclude`` = {c}.
 
     Excludes each sample's *own* class (the authors' release hard-wires forget class 0 here).
     """
-    shift = torch.randint(1, num_classes, labels.shape, generator=generator).to(labels.device)
-    return (labels + shift) % num_classes
+    if exclude is None:
+        shift = torch.randint(1, num_classes, labels.shape, generator=generator).to(labels.device)
+        return (labels + shift) % num_classes
+    excluded = torch.isin(torch.arange(num_classes, device=labels.device), exclude.to(labels.device))
+    allowed = (~excluded).nonzero().squeeze(1)
+    if len(allowed) == 0:
+        raise ValueError(f"all {num_classes} classes are excluded: no class is left for c_m")
+    shift = torch.randint(1, len(allowed) + 1, labels.shape, generator=generator).to(labels.device)
+    below = torch.searchsorted(allowed, labels)  # the allowed classes < c, which come last after c
+    return allowed[(below + shift - 1) % len(allowed)]
 
 
 def forget_target(
@@ -89,13 +101,16 @@ def forget_target(
 ) -> Tensor:
     """The substitute noise ε_f of Eq. 2 for a forget batch, detached.
 
-    - ``rl`` (EraseDiff_rl, SalUn): ε_f = ε_θ(x_t | c_m), c_m ≠ c random, at the *same* x_t and t as
-      the forget loss (the authors' release mixes in the retain batch's t);
+    - ``rl`` (EraseDiff_rl, SalUn): ε_f = ε_θ(x_t | c_m), c_m uniform over the classes that no row of
+      the batch holds, at the *same* x_t and t as the forget loss (the authors' release mixes in the
+      retain batch's t). A forget batch holds every forget class (one, or several stratified:
+      :mod:`~.evaluation.multiclass`), so c_m ≠ c and c_m is never another forgotten class;
     - ``noise`` (EraseDiff_noise): ε_f ~ U(0, I_d).
     """
     if kind == "rl":
+        present = b.cond[b.cond < num_classes]  # the null class (dropped labels) is no class
         with torch.no_grad():
-            return eps_fn(b.x_t, b.t, other_labels(b.cond, num_classes, generator)).detach()
+            return eps_fn(b.x_t, b.t, other_labels(b.cond, num_classes, generator, present)).detach()
     if kind == "noise":
         return torch.rand(b.noise.shape, generator=generator).to(b.noise.device)
     raise ValueError(f"unknown forget target {kind!r}; expected one of {FORGET_TARGETS}")

@@ -6,6 +6,9 @@ The shipped digits checkpoints in ``assets/`` were made by these functions throu
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -27,11 +30,13 @@ def train_unet(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    step_times: list[float] | None = None,
 ):
     """min_θ E‖ε − ε_θ(x_t | c̃)‖², where c̃ = ∅ (null class) with probability ``label_dropout``.
 
     Adam with gradient-norm clipping at 1 and an exponential moving average of the weights
-    (diffusers ``EMAModel``); returns the EMA model in eval mode.
+    (diffusers ``EMAModel``); returns the EMA model in eval mode. ``step_times``, if given, receives
+    each step's wall time in seconds.
     """
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
@@ -45,6 +50,7 @@ def train_unet(
     generator = torch.Generator().manual_seed(seed + 1)
     eps, null = unet_eps(unet), null_class(unet)
     for _ in tqdm(range(steps), desc="train UNet", disable=not progress):
+        t0 = time.perf_counter()
         x0, c = sampler.next()
         drop = torch.rand(len(c), generator=generator) < label_dropout
         c = torch.where(drop, torch.full_like(c, null), c)
@@ -54,8 +60,32 @@ def train_unet(
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         ema.step(unet.parameters())
+        if step_times is not None:
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize(device)
+            step_times.append(time.perf_counter() - t0)
     ema.copy_to(unet.parameters())
     return unet.eval()
+
+
+def unet_step_seconds(
+    data: ImageData, *, preset: str, batch_size: int, device: str | torch.device = "cpu", steps: int = 3
+) -> float:
+    """The wall time of one :func:`train_unet` step with this preset and batch size, here and now: the
+    median of ``steps`` steps of a throwaway model after one warm-up step (the global RNG is restored).
+    Steps × this is the estimate printed before a long training run."""
+    times: list[float] = []
+    with torch.random.fork_rng(devices=[]):
+        train_unet(
+            data,
+            preset=preset,
+            steps=steps + 1,
+            batch_size=batch_size,
+            device=device,
+            progress=False,
+            step_times=times,
+        )
+    return statistics.median(times[1:])
 
 
 def shift_augment(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:

@@ -66,6 +66,35 @@ def test_other_labels_never_return_the_own_class_and_cover_the_rest():
     assert set(out[labels == 7].tolist()) == set(range(10)) - {7}
 
 
+def test_other_labels_outside_an_excluded_set_cover_every_other_class():
+    labels = torch.tensor([0, 3]).repeat(500)
+    out = other_labels(labels, 10, torch.Generator().manual_seed(0), exclude=torch.tensor([0, 3]))
+    for c in (0, 3):
+        assert set(out[labels == c].tolist()) == set(range(10)) - {0, 3}
+
+
+def test_other_labels_excluding_only_the_own_class_is_the_same_draw():
+    """One forget class: the set draw gives the same c_m as (c + U{1..C−1}) mod C, draw for draw."""
+    labels = torch.full((500,), 7)
+    plain = other_labels(labels, 10, torch.Generator().manual_seed(3))
+    excluded = other_labels(labels, 10, torch.Generator().manual_seed(3), exclude=torch.tensor([7]))
+    assert torch.equal(plain, excluded)
+
+
+def test_rl_target_never_lands_on_another_forgotten_class(scheduler, unet):
+    """Forgetting 0 and 3 (a stratified batch holds both): c_m is neither, for every row."""
+    b = diffuse(scheduler, *batch(n=90, classes=(0, 3)), torch.Generator().manual_seed(0))
+    seen = {}
+
+    def eps_fn(x_t, t, c):
+        seen["c"] = c
+        return torch.zeros_like(x_t)
+
+    forget_target(eps_fn, b, "rl", 10, torch.Generator().manual_seed(0))
+    assert not torch.isin(seen["c"], torch.tensor([0, 3])).any()
+    assert set(seen["c"].tolist()) == set(range(10)) - {0, 3}
+
+
 def test_rl_target_is_the_detached_prediction_for_another_class(scheduler, unet):
     b = diffuse(scheduler, *batch(classes=(3,)), torch.Generator().manual_seed(0))
     seen = {}

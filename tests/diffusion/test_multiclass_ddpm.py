@@ -17,6 +17,8 @@ from constrained_opt.diffusion.evaluation.multiclass import (
     parse_classes,
     split_forget_classes,
 )
+from constrained_opt.diffusion.evaluation.report import metrics_table
+from constrained_opt.diffusion.methods.salun import next_kept_class
 from constrained_opt.diffusion.runtime.errors import UsageError
 
 FAST = ["--quiet", "--per-class", "4", "--sampling-steps", "2", "--steps", "2", "--batch-size", "8"]
@@ -95,6 +97,43 @@ def test_evaluate_classes_reports_each_forgotten_class():
     assert out["p_forget"] == pytest.approx(0.5) and out["remaining_accuracy"] == 1.0
 
 
+def test_p_forget_set_sees_a_swap_between_forgotten_classes():
+    """Class 0 drawn as a 3 and class 3 as a 0: P(y = own class) says forgotten, P(y ∈ C_f) does not."""
+    labels = torch.arange(10).repeat_interleave(6)
+    samples = torch.randn(60, 1, 8, 8)
+    samples[:, 0, 0, 0] = labels.float()
+    samples[labels == 0, 0, 0, 0], samples[labels == 3, 0, 0, 0] = 3.0, 0.0
+    real = samples[~torch.isin(labels, torch.tensor([0, 3]))]
+    out = evaluate_classes(OneHot(), samples, labels, real, (0, 3))
+    assert out["p_forget"] == pytest.approx(0.0, abs=1e-6)
+    assert out["p_forget_set"] == pytest.approx(1.0)
+    table = metrics_table({"erasediff": out})
+    assert "P(y∈C_f|x_f)" in table and "| 1.000 |" in table
+
+
+def test_salun_relabels_to_the_next_class_not_forgotten():
+    assert next_kept_class(torch.tensor([0, 1]), 10, (0, 1)).tolist() == [2, 2]
+    assert next_kept_class(torch.tensor([9, 8]), 10, (9, 0, 8)).tolist() == [1, 1]
+    assert next_kept_class(torch.tensor([4]), 10, (4,)).tolist() == [5]  # the release's (c + 1) mod C
+
+
+def test_salun_step_never_targets_a_forgotten_class():
+    from constrained_opt.diffusion.methods.base import Setup
+    from constrained_opt.diffusion.methods.salun import SalUn
+    from constrained_opt.diffusion.models import build_unet
+
+    torch.manual_seed(0)
+    unet = build_unet("tiny", (1, 8, 8), 10)
+    method = SalUn(Setup(unet, 10, (0, 1), 1e-4, torch.Generator().manual_seed(0)), label_dropout=0.0)
+    method.mask = {n: torch.ones_like(p) for n, p in unet.named_parameters()}
+    conditions = []
+    eps = method.eps
+    method.eps = lambda x_t, t, c: conditions.append(c.clone()) or eps(x_t, t, c)
+    forget = (torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 0, 1]))
+    method.step((torch.randn(4, 1, 8, 8), torch.tensor([2, 5, 7, 9])), forget)
+    assert conditions[-1].tolist() == [2, 2, 2, 2]  # the pseudo labels, the last prediction taken
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
@@ -109,6 +148,7 @@ def test_unlearn_two_classes_pooled_writes_per_class_metrics(base, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())["erasediff"]
     assert {"p_forget_c0", "p_forget_c3"} <= metrics.keys()
     assert metrics["p_forget"] == pytest.approx((metrics["p_forget_c0"] + metrics["p_forget_c3"]) / 2)
+    assert max(metrics["p_forget_c0"], metrics["p_forget_c3"]) <= metrics["p_forget_set"] <= 1
     provenance = json.loads((out / "history.json").read_text())
     assert len(provenance) == 2
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ...errors import OptimizerError
+from ...errors import OptimizerError, SettingError
 from ..runtime.errors import UsageError
 from . import attack, demo, evaluate, sd, train_base, unlearn
 from .parser import Parser, list_choices
@@ -52,13 +52,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OptimizerError as e:
         reason = " ".join(str(e).split())
-        print(
-            f"constrained-opt: error: the optimizer stopped the run: {reason}. Lower --lr or the method's "
-            "step sizes (--hp inner_lr=..., eta=...) and run it again without --resume",
-            file=sys.stderr,
-        )
+        message = f"the optimizer stopped the run: {reason}{_fix(e, args)}"
+        print(f"constrained-opt: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("constrained-opt: interrupted; run the same command with --resume to continue", file=sys.stderr)
         return 130
     return 0
+
+
+def _fix(error: OptimizerError, args: argparse.Namespace) -> str:
+    """What to change after the optimizer refused a step: the step sizes, named as this command takes
+    them. A refused setting (:class:`~constrained_opt.errors.SettingError`) names its own fix."""
+    if isinstance(error, SettingError):
+        return ""
+    if getattr(args, "target", None) == "sd":
+        sizes = "--inner-lr, --eta"
+    elif args.command == "demo":
+        sizes = "--hp erasediff.inner_lr=..., erasediff.eta=..."
+    else:
+        sizes = "--hp inner_lr=..., eta=..."
+    return f". Lower --lr or the method's step sizes ({sizes}) and run it again without --resume"

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from ...functional import MAX_CONSTRAINTS
 from ..data import BatchSampler, ImageData, check_class
 from ..runtime.errors import UsageError
 from .metrics import classifier_probs, evaluate_generated
@@ -71,6 +72,27 @@ def check_classes(forget: ForgetClasses, num_classes: int) -> tuple[int, ...]:
     return classes
 
 
+def check_batch_holds_every_part(batch_size: int, parts: int) -> None:
+    """A stratified batch holds ≥ 1 image of each of ``parts`` forget classes or concepts: B ≥ m."""
+    if batch_size < parts:
+        raise UsageError(
+            f"batch size {batch_size} is smaller than the number of forget classes or concepts "
+            f"({parts}): each batch must hold every one of them; pass --batch-size {parts} or more"
+        )
+
+
+def check_per_class_constraints(classes: ForgetClasses) -> None:
+    """One constraint per class is limited by the optimizer's exact dual solver, which enumerates all
+    2^m active sets (:data:`constrained_opt.functional.MAX_CONSTRAINTS` constraints at most)."""
+    m = len(as_classes(classes))
+    if m > MAX_CONSTRAINTS:
+        raise UsageError(
+            f"--per-class-constraints with {m} forget classes makes {m} constraints, and the optimizer's "
+            f"exact solver takes at most {MAX_CONSTRAINTS}: drop --per-class-constraints (one pooled "
+            f"constraint over all {m} classes) or forget at most {MAX_CONSTRAINTS} classes per run"
+        )
+
+
 def is_forgotten(labels: Tensor, forget: ForgetClasses) -> Tensor:
     return torch.isin(labels, torch.tensor(as_classes(forget), dtype=labels.dtype, device=labels.device))
 
@@ -87,11 +109,7 @@ class StratifiedSampler:
     :class:`BatchSampler` (own seed and state)."""
 
     def __init__(self, parts: list[ImageData], batch_size: int, seed: int):
-        if batch_size < len(parts):
-            raise UsageError(
-                f"batch size {batch_size} is smaller than the number of forget classes or concepts "
-                f"({len(parts)}): each batch must hold every one of them"
-            )
+        check_batch_holds_every_part(batch_size, len(parts))
         base, extra = divmod(batch_size, len(parts))
         self.samplers = [BatchSampler(p, base + (i < extra), seed + 1000 * i) for i, p in enumerate(parts)]
 
@@ -126,7 +144,10 @@ def evaluate_classes(
     """:func:`~.metrics.evaluate_generated` for one or several forget classes.
 
     Several: ``p_forget`` is the mean over all forget-class samples of P(y = own class | x), with one
-    ``p_forget_c<k>`` per class beside it; accuracy, FID and precision/recall cover the other classes.
+    ``p_forget_c<k>`` per class beside it, and ``p_forget_set`` = mean over those samples of
+    P(y ∈ C_f | x) = Σ_{c ∈ C_f} P(y = c | x): a model that draws one forgotten class when asked for
+    another scores low on ``p_forget`` but not on ``p_forget_set``. Accuracy, FID and
+    precision/recall cover the other classes.
     """
     classes = as_classes(forget)
     mask = is_forgotten(labels, classes)
@@ -138,6 +159,7 @@ def evaluate_classes(
         probs = classifier_probs(classifier, samples[mask])
         out["p_forget"] = probs.gather(1, labels[mask].unsqueeze(1)).mean().item()
         out.update({f"p_forget_c{c}": probs[labels[mask] == c, c].mean().item() for c in classes})
+        out["p_forget_set"] = probs[:, list(classes)].sum(1).mean().item()
     return out
 
 

@@ -16,6 +16,7 @@ from ..runtime.io import atomic_path, write_text
 # (metrics.json key, column title, format)
 COLUMNS = (
     ("p_forget", "P(y=c_f|x_f) ↓", "{:.3f}"),
+    ("p_forget_set", "P(y∈C_f|x_f) ↓", "{:.3f}"),  # several forget classes: any of them
     ("forget_entropy", "Entropy H(P(y|x_f))", "{:.3f}"),
     ("remaining_accuracy", "Remaining acc. ↑", "{:.3f}"),
     ("fid", "FID (classifier features) ↓", "{:.3f}"),

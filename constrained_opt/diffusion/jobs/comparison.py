@@ -49,10 +49,11 @@ def plan_runs(
     """EraseDiff first, then ``methods`` (names of :data:`~.baselines.METHODS`, or ``moo_matched``),
     then ``variants`` (``LABEL=METHOD[:KEY=VALUE,...]``).
 
-    ``hp`` items are ``LABEL.KEY=VALUE`` (a method's name is its label). ``forget_target`` applies to
-    every run whose method takes one, unless set explicitly. Budgets: ``steps`` × ``batch_size`` for
-    all, or (``published``) each method's published one (:data:`~.baselines.PUBLISHED`); ``budgets``
-    items ``LABEL=STEPSxBATCH`` override either.
+    ``hp`` items are ``LABEL.KEY=VALUE`` (a method's name is its label), each for a run of this plan
+    (one for a method or variant that is not run is an error, not silently ignored). ``forget_target``
+    applies to every run whose method takes one, unless set explicitly. Budgets: ``steps`` ×
+    ``batch_size`` for all, or (``published``) each method's published one
+    (:data:`~.baselines.PUBLISHED`); ``budgets`` items ``LABEL=STEPSxBATCH`` override either.
     """
     specs: dict[str, tuple[str, list[str]]] = {}
     for name in ("erasediff", *methods):
@@ -73,8 +74,12 @@ def plan_runs(
         label, dot, pair = item.partition(".")
         if not dot or (label not in specs and label not in METHODS and label != MATCHED):
             raise UsageError(f"--hp expects LABEL.KEY=VALUE with a known method or variant, got {item!r}")
-        if label in specs:  # settings of methods not run this time are ignored
-            specs[label][1].append(pair)
+        if label not in specs:
+            raise UsageError(
+                f"--hp {item} sets {label!r}, which is not run; run labels: {', '.join(specs)} "
+                "(add it to --methods or drop the --hp)"
+            )
+        specs[label][1].append(pair)
     overrides = dict(item.split("=", 1) if "=" in item else (item, "") for item in budgets)
     for label in overrides:
         if label not in specs:

@@ -88,8 +88,10 @@ class DemoOptions:
     retrain: bool | str = option(
         True,
         "--retrain",
-        "Retrain reference checkpoint (default: shipped for class 0, else trained with the base recipe)",
-        negation=("--no-retrain", "no Retrain row"),
+        "Retrain reference checkpoint (default: shipped for class 0, else trained here once with the "
+        "base recipe, as long as the base model's training; the demo prints the expected time first "
+        "and caches the model)",
+        negation=("--no-retrain", "no Retrain row, and no Retrain training for a class other than 0"),
     )
     bootstrap: int = option(
         0,

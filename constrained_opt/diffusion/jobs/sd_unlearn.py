@@ -143,7 +143,7 @@ def unlearn_sd(job: SDJob) -> dict:
 
     from ..runtime.device import resolve_device
     from ..runtime.paths import cache_dir, check_output_dir
-    from ..sd.lora import WEIGHT_NAME, merged_unet, save_lora
+    from ..sd.lora import WEIGHT_NAME, check_lora_rank, merged_unet, save_lora
 
     job = job.resolved()
     check_output_dir(job.out)
@@ -157,6 +157,8 @@ def unlearn_sd(job: SDJob) -> dict:
     )
     pipe = load()
     unet = pipe.unet
+    if job.lora:  # before the data sets are generated
+        check_lora_rank(unet, job.lora_target, job.lora_rank)
     factor = pipe.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
     native = unet.config.sample_size * pipe.vae_scale_factor
     job = dataclasses.replace(job, resolution=job.resolution or native)

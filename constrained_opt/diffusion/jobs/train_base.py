@@ -12,7 +12,7 @@ from ..runtime.errors import UsageError
 from ..runtime.io import write_json
 from ..runtime.paths import check_output_dir
 from ..runtime.provenance import file_digest, provenance
-from ..train import train_classifier, train_unet
+from ..train import train_classifier, train_unet, unet_step_seconds
 from .common import check_steps
 
 
@@ -120,7 +120,9 @@ def retrain_checkpoint(
 ) -> str:
     """The Retrain reference for ``forget_class``: the shipped one, else one trained here with the base
     model's own recipe (its provenance: preset, seed, steps, batch size, lr) on D without the class,
-    cached in ``cache``. Training takes as long as the base model's did (tqdm shows progress)."""
+    cached in ``cache`` under the data, the class and the base checkpoint's digest (which fixes the
+    recipe), so it is trained once. Before training it says so, with the expected time: the recipe's
+    steps × one step's wall time measured here (:func:`~..train.unet_step_seconds`)."""
     path = shipped(data, "retrain", forget_class)
     if path:
         return path
@@ -128,8 +130,18 @@ def retrain_checkpoint(
     folder = os.path.join(cache, f"{data}-retrain-c{forget_class}-{file_digest(base_path)[:12]}")
     path = os.path.join(folder, "unet.safetensors")
     if not os.path.isfile(path):
+        steps, batch_size = recipe.get("steps", 3000), recipe.get("batch_size", 128)
+        image_data = load_data(data)
+        preset = recipe.get("preset") or default_preset(image_data.name)
+        retain = split_forget(image_data, forget_class)[0]
+        per_step = unet_step_seconds(
+            retain, preset=preset, batch_size=batch_size, device=resolve_device(device)
+        )
         print(
-            f"training the Retrain reference (no class {forget_class}, the base recipe) into {folder}",
+            f"no Retrain reference for class {forget_class} is shipped or cached: training it first with "
+            f"the base recipe ({steps} steps × batch {batch_size}), about {duration(steps * per_step)} "
+            f"here ({per_step:.2f} s/step measured), once: it is cached in {folder}. "
+            "--no-retrain skips the Retrain row, --retrain PATH uses your own",
             flush=True,
         )
         train_base(
@@ -137,8 +149,8 @@ def retrain_checkpoint(
             folder,
             what="unet",
             exclude_class=forget_class,
-            unet_steps=recipe.get("steps", 3000),
-            batch_size=recipe.get("batch_size", 128),
+            unet_steps=steps,
+            batch_size=batch_size,
             lr=recipe.get("lr", 1e-3),
             preset=recipe.get("preset"),
             seed=recipe.get("seed", 0),
@@ -146,3 +158,12 @@ def retrain_checkpoint(
             progress=progress,
         )
     return path
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``31 min``, ``2.5 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -7,7 +7,13 @@ from dataclasses import asdict, dataclass
 
 from ..data import ImageData, load_data
 from ..evaluation.generated import EvalSettings, evaluate_unet
-from ..evaluation.multiclass import check_classes, split_forget_classes
+from ..evaluation.multiclass import (
+    as_classes,
+    check_batch_holds_every_part,
+    check_classes,
+    check_per_class_constraints,
+    split_forget_classes,
+)
 from ..methods.registry import method_class
 from ..methods.unlearn import UnlearnResult, unlearn
 from ..models import save_unet
@@ -107,8 +113,12 @@ def unlearn_ddpm(
 ) -> dict:
     """Scrub one class; writes ``model.safetensors``, ``history.json`` and (with a classifier)
     ``metrics.json`` into ``out``. The resumable state lives in ``out/checkpoint.safetensors`` until
-    the run completes."""
+    the run completes. Every setting is checked before ``out`` is created."""
     check_steps(job.steps, job.batch_size)
+    classes = as_classes(job.forget_class)
+    check_batch_holds_every_part(job.batch_size, len(classes))
+    if job.method == "erasediff_per_class":
+        check_per_class_constraints(classes)
     check_output_dir(out)
     dev = resolve_device(device)
     data = load_data(data_spec, image_size)

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
+from ..evaluation.multiclass import as_classes
 from ..losses import antithetic_timesteps, diffuse, drop_labels, pixel_sum_loss, saliency_mask
 from ..models import null_class
 from ..runtime.errors import UsageError
@@ -33,9 +35,11 @@ class SalUn(Method):
     """Saliency unlearning as in SalUn's DDPM release (``generate_mask`` and ``saliency_unlearn``).
 
     Loss: MSELoss(ε_θ(x_t | c̃_f), sg ε_θ(x_t | c̃_m)) + α·(1/B)Σ_i ‖ε_i − ε_θ(x_t,i | c̃_i)‖²_pixel-sum, with
-    c_m = (c_f + 1) mod C (the release's pseudo label), c̃ = ∅ with probability ``label_dropout`` in each
-    of the three forward passes, antithetic t. Relative to the pixel-mean forget term the retain term
-    weighs α·d (d pixels). The gradient is clipped, then multiplied by the saliency mask.
+    c_m = (c_f + 1) mod C (the release's pseudo label; with several forget classes, our extension: the
+    next class after c_f, cyclically, that is not forgotten, see :func:`next_kept_class`), c̃ = ∅ with
+    probability ``label_dropout`` in each of the three forward passes, antithetic t. Relative to the
+    pixel-mean forget term the retain term weighs α·d (d pixels). The gradient is clipped, then
+    multiplied by the saliency mask.
     """
 
     name = "salun"
@@ -82,7 +86,9 @@ class SalUn(Method):
             s.scheduler, x_f, c_f, s.generator, antithetic_timesteps(len(c_f), s.num_timesteps, s.generator)
         )
         output = self.eps(bf.x_t, bf.t, drop_labels(c_f, null, p, s.generator))
-        pseudo_c = drop_labels((c_f + 1) % s.num_classes, null, p, s.generator)
+        pseudo_c = drop_labels(
+            next_kept_class(c_f, s.num_classes, as_classes(s.forget_class)), null, p, s.generator
+        )
         with torch.no_grad():
             pseudo = self.eps(bf.x_t, bf.t, pseudo_c)
         forget_term = F.mse_loss(output, pseudo)
@@ -95,3 +101,20 @@ class SalUn(Method):
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.mask = state["mask"]
+
+
+def next_kept_class(labels: Tensor, num_classes: int, forgotten: tuple[int, ...]) -> Tensor:
+    """SalUn's pseudo label for each forget label c: (c + j) mod C for the smallest j ≥ 1 with
+    (c + j) mod C ∉ C_f. One forget class gives the release's (c + 1) mod C; for several (our
+    multi-class extension of the release's rule) the target never lands on another forgotten class."""
+    kept = [c for c in range(num_classes) if c not in forgotten]
+    if not kept:
+        raise UsageError(f"all {num_classes} classes are forgotten: SalUn has no class to relabel to")
+    table = torch.tensor(
+        [
+            next((c + j) % num_classes for j in range(1, num_classes + 1) if (c + j) % num_classes in kept)
+            for c in range(num_classes)
+        ],
+        device=labels.device,
+    )
+    return table[labels]

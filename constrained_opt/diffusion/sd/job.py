@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...functional import MAX_CONSTRAINTS
 from ..runtime.errors import UsageError
 from .params import PARAM_SETS
 from .prompts import Task
@@ -72,6 +73,12 @@ class SDJob:
         self.validate()
         batch = self.batch_size or DEFAULT_BATCH[self.method]
         groups = len(self.task.groups)
+        if self.method == "erasediff" and groups > MAX_CONSTRAINTS:  # one constraint per group
+            raise UsageError(
+                f"{groups} concepts or classes make {groups} EraseDiff constraints (one each), and the "
+                f"optimizer's exact solver takes at most {MAX_CONSTRAINTS}: give at most {MAX_CONSTRAINTS} "
+                "--concept or --forget-class per run"
+            )
         if groups and self.method != "esd" and min(batch, self.num_forget) < groups:
             raise UsageError(
                 f"{groups} concepts need --batch-size and --num-forget of at least {groups} "

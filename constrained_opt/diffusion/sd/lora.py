@@ -34,15 +34,33 @@ def target_modules(unet, target: str) -> list[str]:
     ]
 
 
+def check_lora_rank(unet, target: str, rank: int) -> list[str]:
+    """``target``'s module names, after checking that ``rank`` fits them: ΔW = BA of a weight with
+    n_out rows and n_in inputs per row (in × kh × kw for a Conv2d) has rank ≤ min(n_out, n_in), so a
+    larger r only adds parameters; r is bounded by the narrowest targeted layer."""
+    names = target_modules(unet, target)
+    if not names:
+        raise UsageError(f"--lora-target {target}: this UNet has no Linear or Conv2d module in that set")
+    widths = {
+        name: min(w.shape[0], w[0].numel()) for name in names for w in [unet.get_submodule(name).weight]
+    }
+    narrowest = min(widths, key=widths.get)
+    if rank > widths[narrowest]:
+        raise UsageError(
+            f"--lora-rank {rank} exceeds the rank of the narrowest --lora-target {target} layer "
+            f"({narrowest}, whose update has rank ≤ {widths[narrowest]}): pass --lora-rank "
+            f"{widths[narrowest]} or less"
+        )
+    return names
+
+
 def add_lora(unet, target: str, rank: int, alpha: float) -> list[torch.nn.Parameter]:
     """Freeze the UNet and attach a LoRA adapter (rank ``rank``, scale α/r) to ``target``'s modules;
     returns the adapter's parameters, in float32 whatever the base weights' dtype."""
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
-    names = target_modules(unet, target)
-    if not names:
-        raise UsageError(f"--lora-target {target}: this UNet has no Linear or Conv2d module in that set")
+    names = check_lora_rank(unet, target, rank)
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=names))
     cast_training_params(unet, dtype=torch.float32)

@@ -9,8 +9,9 @@
   and the default anchor are the empty prompt, so ε_f = ε_θ(x_t | "") is the unconditional prediction.
 
 Several concepts (or classes) at once make one task whose ``groups`` hold each one's forget prompts:
-EraseDiff keeps one constraint per group. Retain prompts and anchors are the union of theirs (for
-classes: the classes not forgotten), without any forget prompt.
+EraseDiff keeps one constraint per group; groups may not share a forget prompt (:func:`check_disjoint`).
+Retain prompts and anchors are the union of theirs (for classes: the classes not forgotten), without
+any forget prompt.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def make_task(
     parts = [_concept_task(c) for c in concepts] or [_class_task(canonical_class(c)) for c in classes]
     if len({p.name for p in parts}) < len(parts):
         raise UsageError(f"a concept or class is given twice: {', '.join(concepts or classes)}")
+    check_disjoint(parts)
     if len(parts) == 1:
         task = parts[0]
         return replace(task, anchors=tuple(anchors or task.anchors))
@@ -117,6 +119,26 @@ def make_task(
         groups=tuple(p.forget for p in parts),
         group_names=tuple(p.name for p in parts),
     )
+
+
+def _normal(prompt: str) -> str:
+    return " ".join(prompt.casefold().split())
+
+
+def check_disjoint(parts: list[Task]) -> None:
+    """Refuse two concepts that share a forget prompt (ignoring case and spacing), e.g. ``--concept
+    nudity --concept naked``: "naked" is one of nudity's prompts, so the two constraints would hold the
+    same images and one of them adds nothing but a second, dependent gradient row."""
+    seen: dict[str, str] = {}
+    for part in parts:
+        for prompt in part.forget:
+            owner = seen.setdefault(_normal(prompt), part.name)
+            if owner != part.name:
+                raise UsageError(
+                    f"concepts {owner!r} and {part.name!r} overlap: both forget the prompt {prompt!r} "
+                    f"({owner}'s prompts: {', '.join(next(p.forget for p in parts if p.name == owner))}); "
+                    "give each prompt to one concept only, e.g. drop one of them"
+                )
 
 
 def _concept_task(concept: str) -> Task:

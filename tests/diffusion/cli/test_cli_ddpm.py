@@ -48,14 +48,44 @@ def test_train_base_records_provenance(base):
     assert 0 <= record["classifier"]["val_accuracy"] <= 1
 
 
+def test_retrain_says_how_long_it_will_take_then_is_cached(base, tmp_path, capsys, monkeypatch):
+    """A class with no shipped Retrain model: the demo says up front that it trains one, for how many
+    steps and about how long (steps × one step's measured time), and how to skip it; the second time
+    the cached model is used and nothing is trained."""
+    from constrained_opt.diffusion.jobs import train_base as jobs
+
+    path = jobs.retrain_checkpoint("digits", 3, base["unet"], str(tmp_path), "cpu", False)
+    said = capsys.readouterr().out
+    assert "training it first with the base recipe (5 steps × batch 128), about " in said
+    assert "s/step measured" in said and "--no-retrain skips the Retrain row" in said
+    assert os.path.isfile(path) and os.path.dirname(path) in said
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(jobs, "train_base", no_training)
+    assert jobs.retrain_checkpoint("digits", 3, base["unet"], str(tmp_path), "cpu", False) == path
+    assert capsys.readouterr().out == ""
+
+
+def test_unet_step_seconds_leaves_the_global_rng_alone(base):
+    import torch
+
+    from constrained_opt.diffusion.data import load_data
+    from constrained_opt.diffusion.train import unet_step_seconds
+
+    state = torch.get_rng_state()
+    seconds = unet_step_seconds(load_data("digits"), preset="tiny", batch_size=8, steps=2)
+    assert seconds > 0 and torch.equal(torch.get_rng_state(), state)
+
+
 def test_demo_writes_the_full_report(base, tmp_path, capsys):
     out = tmp_path / "run"
     demo = "demo --checkpoint {} --classifier {} --steps 2 --batch-size 8 --out {} --cache-dir {}"
-    demo += (
-        " --hp sa.samples_per_class=2 --hp sa.sampler=ddim --hp sa.fisher_stride=250 --hp erasediff.eta=0.5"
-    )
+    demo += " --hp erasediff.eta=0.5"
+    sa_hp = " --hp sa.samples_per_class=2 --hp sa.sampler=ddim --hp sa.fisher_stride=250"
     paths = base["unet"], base["classifier"], out, tmp_path / "cache"
-    assert cli(demo, *paths) == 0
+    assert cli(demo + sa_hp, *paths) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics) == ["base", "retrain", "erasediff", "finetune", "neggrad", "moo", "salun", "sa"]
     assert all(m.keys() >= METRIC_KEYS for name, m in metrics.items() if name not in ("base", "retrain"))
@@ -77,7 +107,7 @@ def test_demo_writes_the_full_report(base, tmp_path, capsys):
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     # Resume reuses finished methods; the base evaluation comes from the cache.
     capsys.readouterr()
-    assert cli(demo + " --resume --methods moo", *paths) == 0
+    assert cli(demo + " --resume --methods moo", *paths) == 0  # SA's --hp would be refused: not run
     printed = capsys.readouterr().out
     assert "erasediff (seed 0): done in a previous run" in printed and "evaluation cached" in printed
     assert list(json.loads((out / "metrics.json").read_text())) == ["base", "retrain", "erasediff", "moo"]

@@ -205,3 +205,93 @@ def test_eval_settings_refuse_what_the_cli_refuses(kwargs):
 
     with pytest.raises(UsageError):
         EvalSettings(**kwargs)
+
+
+def tiny_unlearn(base, out, extra: str) -> list[str]:
+    argv = f"unlearn ddpm --checkpoint {base['unet']} --no-eval --steps 1 --out {out} --quiet {extra}"
+    return argv.split()
+
+
+@pytest.mark.parametrize("command", ["unlearn", "attack"])
+def test_a_read_only_out_fails_before_the_job_runs(tmp_path, capsys, command):
+    base = ddpm_tiny.write_base(tmp_path)
+    out = tmp_path / "read-only"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        if os.access(out, os.W_OK):  # root (with CAP_DAC_OVERRIDE) writes into read-only folders
+            pytest.skip("permissions are not enforced for this user: nothing to refuse")
+        if command == "unlearn":
+            argv = tiny_unlearn(base, out, "--method finetune --forget-class 1 --batch-size 4")
+        else:
+            argv = [
+                *f"attack ddpm --model {base['unet']} --classifier {base['classifier']}".split(),
+                *f"--forget-class 1 --attack inversion --out {out} --quiet".split(),
+            ]
+        assert_one_line_error(capsys, run(argv), f"output directory {out} is not writable")
+        assert list(out.iterdir()) == []
+    finally:
+        out.chmod(0o700)
+
+
+def test_check_output_dir_tests_the_folder_itself(tmp_path, monkeypatch):
+    """An existing ``--out`` must be writable itself (its parent being writable is not enough). Runs as
+    root too: ``os.access`` is made to answer as it does for an ordinary user."""
+    from constrained_opt.diffusion.runtime.errors import UsageError
+    from constrained_opt.diffusion.runtime.paths import check_output_dir
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: os.fspath(p) != str(locked) and real_access(p, mode))
+    with pytest.raises(UsageError, match="is not writable"):
+        check_output_dir(str(locked))
+    check_output_dir(str(tmp_path / "new" / "folder"))  # creatable below a writable folder
+    with pytest.raises(UsageError, match="cannot create output directory"):
+        check_output_dir(str(locked / "run"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (
+            "--method erasediff --forget-class 0,1,2,3,4,5,6,7,8 --per-class-constraints --batch-size 9",
+            "makes 9 constraints, and the optimizer's exact solver takes at most 8",
+        ),
+        ("--method erasediff --forget-class 0,1,2 --batch-size 2", "pass --batch-size 3 or more"),
+        ("--method salun --forget-class 0,1,2 --batch-size 2", "pass --batch-size 3 or more"),
+    ],
+)
+def test_multiclass_settings_fail_before_out_is_created(tmp_path, capsys, extra, needle):
+    base = ddpm_tiny.write_base(tmp_path)
+    out = tmp_path / "never"
+    assert_one_line_error(capsys, run(tiny_unlearn(base, out, extra)), needle)
+    assert not out.exists()
+
+
+def test_eight_per_class_constraints_still_run(tmp_path):
+    base = ddpm_tiny.write_base(tmp_path)
+    extra = "--method erasediff --forget-class 0,1,2,3,4,5,6,7 --per-class-constraints --batch-size 8"
+    assert run(tiny_unlearn(base, tmp_path / "run", extra)) == 0
+
+
+def test_demo_refuses_an_hp_for_a_method_it_does_not_run(tmp_path, capsys):
+    out = tmp_path / "never"
+    code = run(["demo", "--methods", "moo", "--hp", "sa.lam=1", "--out", str(out), "--quiet"])
+    assert_one_line_error(capsys, code, "--hp sa.lam=1 sets 'sa', which is not run", "erasediff, moo")
+    assert not out.exists()
+
+
+def test_the_step_size_advice_names_the_commands_own_flags():
+    """A refused step suggests the step sizes as the command takes them (``unlearn sd`` has no --hp);
+    a refused setting names its own fix, so it gets no advice about --lr."""
+    from constrained_opt.diffusion.cli import _fix
+    from constrained_opt.errors import ClosureError, SettingError
+
+    sd = argparse.Namespace(command="unlearn", target="sd")
+    ddpm = argparse.Namespace(command="unlearn", target="ddpm")
+    demo = argparse.Namespace(command="demo")
+    assert "(--inner-lr, --eta)" in _fix(ClosureError("x"), sd) and "--hp" not in _fix(ClosureError("x"), sd)
+    assert "(--hp inner_lr=..., eta=...)" in _fix(ClosureError("x"), ddpm)
+    assert "--hp erasediff.inner_lr=" in _fix(ClosureError("x"), demo)
+    assert _fix(SettingError("x"), sd) == _fix(SettingError("x"), ddpm) == ""

@@ -42,6 +42,30 @@ def test_two_classes_retain_the_other_eight():
         prompts.make_task(["nudity", " "], None)
 
 
+def test_overlapping_concepts_are_refused():
+    """'naked' is one of nudity's prompts: two constraints on the same images would add nothing but a
+    second, dependent gradient row. Case and spacing do not hide an overlap."""
+    for concepts in (["nudity", "naked"], ["van gogh", "Van  Gogh"], ["Nudity", "nudity"]):
+        with pytest.raises(UsageError, match="overlap: both forget the prompt"):
+            prompts.make_task(concepts, None)
+    assert prompts.make_task(["nudity", "naked body"], None).groups[1] == ("naked body",)
+
+
+def test_more_concepts_than_the_solver_takes_fail_while_checking_the_options(tmp_path, capsys):
+    """Nine concepts are nine EraseDiff constraints: refused before the model is even looked for (it
+    used to fail at the first step, after generating both data sets). ESD has no constraints."""
+    concepts = [f"--concept={c}" for c in "abcdefghi"]
+    out = tmp_path / "out"
+    base = ["unlearn", "sd", "--model", str(tmp_path / "missing"), "--out", str(out), *concepts]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "9 concepts or classes make 9 EraseDiff constraints" in err and err.count("\n") == 1
+    for passes in ([*base, "--method", "esd"], base[:-1]):  # ESD, or eight concepts: on to the model
+        assert main(passes) == 2
+        assert "model not found" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return sd_tiny.build_pipeline(str(tmp_path_factory.mktemp("sd") / "pipe"))

@@ -168,6 +168,7 @@ def test_generate_with_a_lora_adapter_and_score_it(model, cache, tmp_path):
     [
         ("--concept nudity --merge", "--merge fuses a LoRA adapter"),
         ("--concept nudity --train-params lora --lora-rank 0", "--lora-rank: expected an integer ≥ 1"),
+        ("--concept nudity --train-params lora --lora-rank 100000", "--lora-rank 100000 exceeds the rank"),
         ("--concept nudity --train-params lora --lora-alpha -1", "--lora-alpha: expected a finite number"),
         ("--concept nudity --train-params lora --lora-target attn", "invalid choice"),
     ],
