@@ -119,7 +119,14 @@ CONFIGS: dict[str, dict] = {
     ),
 }
 SMOKE = dict(seeds=2, steps=2, batch_size=8, per_class=4, sampling_steps=2, bootstrap=0)
-SMOKE_HP = ("sa.samples_per_class=2", "sa.sampler=ddim", "sa.fisher_stride=250")
+SMOKE_SA = ("samples_per_class=2", "sampler=ddim", "fisher_stride=250")  # SA's preparation in seconds
+
+
+def smoke_hp(config: dict) -> tuple[str, ...]:
+    """``--hp`` for a smoke run: SA's cheap preparation for every label that runs SA (method or variant)."""
+    labels = ["sa"] if "sa" in config["methods"] else []
+    labels += [v.split("=", 1)[0] for v in config["variants"] if v.split("=", 1)[1].startswith("sa:")]
+    return tuple(f"{label}.{pair}" for label in labels for pair in SMOKE_SA)
 
 
 def command(name: str, config: dict, work: str) -> str:
@@ -168,7 +175,7 @@ def run(device: torch.device, smoke: bool, config: str = "comparison", work: str
         cfg["variants"] = (f"sa_tuned=sa:lam={tuned_sa_lambda(smoke):g}",)
     if smoke:
         cfg = {**cfg, "data": "digits", **SMOKE, "published_budgets": False, "budgets": ()}
-        cfg["hp"] = SMOKE_HP
+        cfg["hp"] = smoke_hp(cfg)
     out = os.path.join(work, config)
     es = EvalSettings(
         per_class=cfg["per_class"], num_steps=cfg.get("sampling_steps", 50), seed=cfg.get("seed", 0)

@@ -40,3 +40,11 @@ def test_sweep_and_report_items_record_their_seeds_and_budgets():
     assert "--seed 1 --seeds 3" in comparison.command("sa_tuned", tuned, "w")
     salun = comparison.command("salun_transferred", comparison.CONFIGS["salun_transferred"], "w")
     assert "salun:alpha=0.048" in salun  # α·d = 3.072 with d = 64 pixels
+
+
+def test_smoke_settings_reach_every_label_that_runs_sa_and_no_other():
+    """``--hp`` for a label that is not run is refused, so smoke settings go to SA's labels only."""
+    assert comparison.smoke_hp(comparison.CONFIGS["ablation"]) == ()
+    sweep = comparison.smoke_hp(comparison.CONFIGS["sa_tuning"])
+    assert {h.split(".", 1)[0] for h in sweep} == {f"sa_lam{lam}" for lam in comparison.SA_LAMBDAS}
+    assert "sa.fisher_stride=250" in comparison.smoke_hp(comparison.CONFIGS["comparison"])
