@@ -46,5 +46,7 @@ def test_smoke_settings_reach_every_label_that_runs_sa_and_no_other():
     """``--hp`` for a label that is not run is refused, so smoke settings go to SA's labels only."""
     assert comparison.smoke_hp(comparison.CONFIGS["ablation"]) == ()
     sweep = comparison.smoke_hp(comparison.CONFIGS["sa_tuning"])
-    assert {h.split(".", 1)[0] for h in sweep} == {f"sa_lam{lam}" for lam in comparison.SA_LAMBDAS}
+    assert {h.split("=")[0].rpartition(".")[0] for h in sweep} == {
+        f"sa_lam{lam}" for lam in comparison.SA_LAMBDAS
+    }
     assert "sa.fisher_stride=250" in comparison.smoke_hp(comparison.CONFIGS["comparison"])

@@ -108,6 +108,8 @@ def test_plan_runs_budgets_targets_and_errors():
     assert (by["salun"].steps, by["sa"].steps) == (1000, 1000)
     assert by["moo_w3"].hparams == {"forget_target": "noise", "forget_weight": 3.0}
     assert "forget_target" not in by["salun"].hparams
+    dotted = plan_runs((), variants=("sa_lam0.3=sa:lam=0.3",), hp=("sa_lam0.3.gamma=2",))
+    assert dotted[1].label == "sa_lam0.3" and dotted[1].hparams == {"lam": 0.3, "gamma": 2.0}
     plain = plan_runs(("finetune",), steps=7, batch_size=3)
     assert all((r.steps, r.batch_size) == (7, 3) for r in plain)
     for kwargs, message in (

@@ -71,7 +71,9 @@ def plan_runs(
             raise UsageError(f"--variant label {label!r} is already used")
         specs[label] = (method, [p for p in pairs.split(",") if p])
     for item in hp:
-        label, dot, pair = item.partition(".")
+        setting, eq, value = item.partition("=")
+        label, dot, key = setting.rpartition(".")  # keys have no dots; labels may (sa_lam0.3)
+        pair = key + eq + value
         if not dot or (label not in specs and label not in METHODS and label != MATCHED):
             raise UsageError(f"--hp expects LABEL.KEY=VALUE with a known method or variant, got {item!r}")
         if label not in specs:
