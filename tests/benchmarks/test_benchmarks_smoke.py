@@ -58,7 +58,7 @@ def test_unlearning_smoke_reports_time_to_forget(tmp_path):
     assert (tmp_path / "docs" / "img" / "time_to_forget.png").stat().st_size > 0
 
 
-def test_comparison_smoke_reports_intervals_gaps_and_floors(tmp_path):
+def test_comparison_smoke_reports_intervals_gaps_and_floors(tmp_path, cache_home):
     cmd = [sys.executable, "-m", "benchmarks", "--only", "comparison", "--smoke", "--out", str(tmp_path)]
     cmd += ["--work", str(tmp_path / "work")]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=900)
@@ -72,6 +72,7 @@ def test_comparison_smoke_reports_intervals_gaps_and_floors(tmp_path):
     assert res["noise_floor"]["real_halves"]["fid"]["mean"] > 0
     assert "--methods finetune,neggrad,moo,moo_matched,salun,sa" in res["demo_command"]
     assert (tmp_path / "work" / "comparison" / "seed1" / "models" / "salun.safetensors").exists()
+    assert list((cache_home / "constrained_opt").glob("base-eval-*.safetensors"))  # not in ~/.cache
 
     from benchmarks.report import write_docs
 
