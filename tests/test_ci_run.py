@@ -19,3 +19,11 @@ def test_ci_runs_the_readme_test_command_and_nothing_else():
     # --clear: a .venv left by an earlier CI run is emptied first, as a fresh clone has none
     assert commands == [steps[0].replace("-m venv ", "-m venv --clear "), *steps[1:]]
     assert '[ "$status" -eq 5 ]' in script  # "no tests collected" fails CI
+
+
+def test_a_hung_test_times_out_and_slow_tests_can_be_skipped(pytestconfig):
+    """pytest-timeout (in the dev extra) fails a test that runs past the configured limit instead of
+    hanging CI; the registered ``slow`` marker lets ``-m "not slow"`` skip the slowest tests."""
+    assert pytestconfig.pluginmanager.hasplugin("timeout")
+    assert 60 <= float(pytestconfig.getini("timeout")) <= 600
+    assert any(line.startswith("slow:") for line in pytestconfig.getini("markers"))

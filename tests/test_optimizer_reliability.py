@@ -55,6 +55,7 @@ def step_seconds(step, count=5):
     return statistics.median(times)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="needs the main thread")
 def test_sigint_at_random_moments_leaves_the_step_exactly_undone_or_done():
     """SIGINT at a random moment of each step (150-layer MLP, Adam; 120 steps at K = 0, 80 at K = 2):

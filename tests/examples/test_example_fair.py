@@ -11,6 +11,7 @@ pytest.importorskip("sklearn")
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "fair_classification.py"
 
 
+@pytest.mark.slow
 def test_fair_classification_meets_its_constraint_on_equal_forward_budgets(monkeypatch, capsys):
     """g(θ) = Δ(θ)² − min_φ Δ(φ)² ≤ 0 with min Δ² = 0 (a constant classifier): after 150 steps the
     constrained run's training parity gap |Δ| is below 0.01 (Δ² < 1e-4), where plain BCE leaves it

@@ -48,6 +48,7 @@ def test_train_base_records_provenance(base):
     assert 0 <= record["classifier"]["val_accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_demo_writes_the_full_report(base, tmp_path, capsys):
     out = tmp_path / "run"
     demo = "demo --checkpoint {} --classifier {} --steps 2 --batch-size 8 --out {} --cache-dir {}"
@@ -83,6 +84,7 @@ def test_demo_writes_the_full_report(base, tmp_path, capsys):
     assert list(json.loads((out / "metrics.json").read_text())) == ["base", "retrain", "erasediff", "moo"]
 
 
+@pytest.mark.slow
 def test_demo_over_seeds_reports_means_and_intervals(base, tmp_path):
     out = tmp_path / "seeds"
     demo = "demo --checkpoint {} --classifier {} --steps 2 --batch-size 8 --out {} --cache-dir {} --seeds 2"

@@ -297,6 +297,7 @@ def _sd_worker(rank, store, out, model, cache):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sd_loop_on_two_processes_with_micro_batches(tmp_path):
     """`unlearn sd` under two processes: accelerate prepares the UNet (DDP) and the optimizer, each step
     accumulates two micro-batches per closure, both ranks take the same steps, rank 0 writes."""
