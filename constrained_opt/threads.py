@@ -54,7 +54,8 @@ def busy_cpus_now(
     read: Callable[[], str], sleep: Callable[[float], None], window: float
 ) -> tuple[float, int] | None:
     """CPUs busy on the host over the next ``window`` seconds, and the CPUs counted:
-    (1 − Δidle/Δall)·N from two ``read()`` s of ``/proc/stat`` with ``sleep(window)`` between them.
+    (1 − Δidle/Δall)·N from two calls of ``read`` (the text of ``/proc/stat``) with ``sleep(window)``
+    between them.
     None where it cannot be read (not Linux). This process sleeps through the window, so it does not
     count itself."""
     try:
