@@ -1,12 +1,12 @@
 """Checkpoints: bit-identical resume, atomicity under failure and SIGKILL, clear errors on bad input."""
 
 import json
-import multiprocessing
 import os
 import random
 import signal
 import sys
 
+import mp_context
 import numpy as np
 import pytest
 import safetensors
@@ -157,12 +157,12 @@ def _save_and_hang(path, ready):
     save_checkpoint(path, model, opt, extra={"step": 99})
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="fork + SIGKILL")
+@pytest.mark.skipif(sys.platform != "linux", reason="forkserver + SIGKILL")
 def test_save_killed_midway_leaves_the_previous_checkpoint_intact(tmp_path):
     path = tmp_path / "ckpt.safetensors"
     model, _ = saved_run(path)
     before = path.read_bytes()
-    ctx = multiprocessing.get_context("fork")
+    ctx = mp_context.context()
     ready = ctx.Event()
     child = ctx.Process(target=_save_and_hang, args=(path, ready))
     child.start()

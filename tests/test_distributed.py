@@ -1,10 +1,10 @@
 """Data parallelism on CPU/gloo: 2 ranks must match one process over the concatenated batches.
 
-One group of 2 forked processes runs every scenario (DDP with both gradient layouts, accelerate, FSDP2)
-and saves its final parameters and stats; the tests compare them with a single-process run in which
-each batch is the concatenation of the two ranks' batches. Loss means over equal-sized halves average
-to the mean over the whole, so with gradients averaged by DDP/FSDP and the loss values averaged by
-the optimizer, the two runs solve the same problem.
+One group of 2 processes (forkserver children: tests/mp_context.py) runs every scenario (DDP with both
+gradient layouts, accelerate, FSDP2) and saves its final parameters and stats; the tests compare them
+with a single-process run in which each batch is the concatenation of the two ranks' batches. Loss
+means over equal-sized halves average to the mean over the whole, so with gradients averaged by
+DDP/FSDP and the loss values averaged by the optimizer, the two runs solve the same problem.
 
 The rule is ``"value"`` (a_t = η·g), so the per-rank loss values enter λ: without their all-reduce
 each rank would compute its own λ and the ranks would drift apart.
@@ -12,10 +12,10 @@ each rank would compute its own λ and the ranks would drift apart.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import sys
 
+import mp_context
 import pytest
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from constrained_opt import ValueFunctionBilevelOptimizer
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or sys.platform != "linux",
-    reason="needs torch.distributed and fork (Linux)",
+    reason="needs torch.distributed and forkserver (Linux)",
 )
 
 WORLD = 2
@@ -101,12 +101,8 @@ def train(model, module, K, ranks, m=1):
 
 def _worker(rank, store, out):
     import torch.distributed as dist
-    from accelerate.state import AcceleratorState, GradientState
 
     torch.set_num_threads(1)
-    # forked from a pytest process that may hold a single-process accelerate state (tests that ran before)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD)
     )
@@ -155,11 +151,9 @@ def _worker(rank, store, out):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """Results of both ranks. Forked (not spawned) so the children reuse the imported torch."""
-    import torch._dynamo  # DDP imports it (~4 s): importing it once here keeps the children fast
-
+    """Results of both ranks."""
     out = tmp_path_factory.mktemp("ddp")
-    ctx = multiprocessing.get_context("fork")
+    ctx = mp_context.context()
     procs = [ctx.Process(target=_worker, args=(r, out / "store", str(out))) for r in range(WORLD)]
     for p in procs:
         p.start()

@@ -7,6 +7,7 @@ import os
 import pickle
 import random
 import signal
+import statistics
 import threading
 import time
 
@@ -43,11 +44,25 @@ def same(a, b):
     )
 
 
+def step_seconds(step, count=5):
+    """Median wall time of ``count`` uninterrupted calls of ``step`` (one slow call on a loaded machine
+    does not set the scale)."""
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="needs the main thread")
 def test_sigint_at_random_moments_leaves_the_step_exactly_undone_or_done():
-    """SIGINT at a random moment of each of 200 steps (150-layer MLP, Adam, K = 0 and 2): θ and Adam's
-    state are afterwards bit-identical to either the state before the step or the state an
-    uninterrupted step reaches, and steps_taken agrees."""
+    """SIGINT at a random moment of each step (150-layer MLP, Adam; 120 steps at K = 0, 80 at K = 2):
+    θ and Adam's state are afterwards bit-identical to either the state before the step or the state an
+    uninterrupted step reaches, and steps_taken agrees. The moment is drawn from [0, 1.1·median step
+    time], re-measured every 40 steps, and each K goes on until both outcomes have been seen 6 times (at
+    most 600 steps), so a machine whose speed changes mid-test cannot starve one outcome."""
     rng = random.Random(0)
     in_step = {"on": False}
 
@@ -56,7 +71,7 @@ def test_sigint_at_random_moments_leaves_the_step_exactly_undone_or_done():
             raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, handler)
-    outcomes = {"before": 0, "after": 0}
+    seen = {}
     try:
         for inner_steps in (0, 2):
             model = deep_mlp(seed=inner_steps)
@@ -68,18 +83,23 @@ def test_sigint_at_random_moments_leaves_the_step_exactly_undone_or_done():
             def closures(m, x=x):
                 return (lambda: m(x).pow(2).mean(), lambda: (m(x) - 1).pow(2).mean())
 
-            opt.step(*closures(model))  # Adam state exists
-            start = time.perf_counter()
-            opt.step(*closures(model))
-            duration = time.perf_counter() - start
-            for _ in range(120 if inner_steps == 0 else 80):
+            def step(opt=opt, model=model):
+                opt.step(*closures(model))
+
+            step()  # Adam state exists
+            outcomes = seen[inner_steps] = {"before": 0, "after": 0}
+            tries, minimum = 0, 120 if inner_steps == 0 else 80
+            while tries < 600 and (tries < minimum or min(outcomes.values()) < 6):
+                if tries % 40 == 0:
+                    duration = step_seconds(step)
+                tries += 1
                 before = snapshot(model, opt)
                 steps = opt.steps_taken
                 timer = threading.Timer(rng.uniform(0, 1.1 * duration), os.kill, (os.getpid(), signal.SIGINT))
                 try:
                     in_step["on"] = True
                     timer.start()
-                    opt.step(*closures(model))
+                    step()
                 except KeyboardInterrupt:
                     pass
                 finally:
@@ -97,12 +117,12 @@ def test_sigint_at_random_moments_leaves_the_step_exactly_undone_or_done():
                     for p, t in zip(model.parameters(), before[0], strict=True):
                         p.copy_(t)
                 opt.base_optimizer.load_state_dict(before[1])
-                opt.step(*closures(model))
+                step()
                 assert same(now, snapshot(model, opt)), "θ or Adam's state is half updated"
                 outcomes["after"] += 1
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert outcomes["before"] > 10 and outcomes["after"] > 10, outcomes
+    assert all(min(outcomes.values()) >= 6 for outcomes in seen.values()), seen
 
 
 def test_exception_from_a_base_step_hook_restores_theta_and_grads_but_not_the_base_state():

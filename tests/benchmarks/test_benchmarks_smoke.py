@@ -20,6 +20,7 @@ def test_parameter_sizes_sum_to_n():
         assert sum(sizes) == n and min(sizes) >= 1 and len(sizes) == 300
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_results_and_docs(tmp_path):
     cmd = [sys.executable, "-m", "benchmarks", "--only", "step_overhead", "projection", "memory", "--smoke"]
     subprocess.run([*cmd, "--out", str(tmp_path)], cwd=ROOT, check=True, capture_output=True, timeout=600)
@@ -41,6 +42,7 @@ def test_smoke_run_writes_results_and_docs(tmp_path):
     assert (tmp_path / "docs" / "img" / "projection.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_unlearning_smoke_reports_time_to_forget(tmp_path):
     cmd = [sys.executable, "-m", "benchmarks", "--only", "unlearning", "--smoke", "--out", str(tmp_path)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
@@ -58,7 +60,8 @@ def test_unlearning_smoke_reports_time_to_forget(tmp_path):
     assert (tmp_path / "docs" / "img" / "time_to_forget.png").stat().st_size > 0
 
 
-def test_comparison_smoke_reports_intervals_gaps_and_floors(tmp_path):
+@pytest.mark.slow
+def test_comparison_smoke_reports_intervals_gaps_and_floors(tmp_path, cache_home):
     cmd = [sys.executable, "-m", "benchmarks", "--only", "comparison", "--smoke", "--out", str(tmp_path)]
     cmd += ["--work", str(tmp_path / "work")]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=900)
@@ -72,6 +75,7 @@ def test_comparison_smoke_reports_intervals_gaps_and_floors(tmp_path):
     assert res["noise_floor"]["real_halves"]["fid"]["mean"] > 0
     assert "--methods finetune,neggrad,moo,moo_matched,salun,sa" in res["demo_command"]
     assert (tmp_path / "work" / "comparison" / "seed1" / "models" / "salun.safetensors").exists()
+    assert list((cache_home / "constrained_opt").glob("base-eval-*.safetensors"))  # not in ~/.cache
 
     from benchmarks.report import write_docs
 
@@ -89,6 +93,7 @@ def test_comparison_smoke_reports_intervals_gaps_and_floors(tmp_path):
     assert "old" not in results and "EraseDiff vs salun:" in results
 
 
+@pytest.mark.slow
 def test_sa_budget_smoke_measures_both_methods_in_one_run(tmp_path):
     cmd = [sys.executable, "-m", "benchmarks", "--only", "sa_budget", "--smoke", "--out", str(tmp_path)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
@@ -104,6 +109,7 @@ def test_sa_budget_smoke_measures_both_methods_in_one_run(tmp_path):
     assert "listed, not ranked" in text
 
 
+@pytest.mark.slow
 def test_multi_constraint_comparisons_authors_step_and_multiclass_items_smoke(tmp_path):
     """The multi-constraint benchmark items in one run: m constraints against their floor, the torchjd
     and cooper comparisons, the authors' step transcription (which must compute our update) and two
@@ -153,6 +159,7 @@ def test_multi_constraint_comparisons_authors_step_and_multiclass_items_smoke(tm
     assert "| authors_k1 vs ours_k1 |" in text and (tmp_path / "docs" / "img" / "cooper_compare.png").exists()
 
 
+@pytest.mark.slow
 def test_sa_fisher_smoke_compares_the_shipped_fisher_with_the_old_estimate(tmp_path):
     cmd = [sys.executable, "-m", "benchmarks", "--only", "sa_fisher", "--smoke", "--out", str(tmp_path)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
@@ -161,6 +168,7 @@ def test_sa_fisher_smoke_compares_the_shipped_fisher_with_the_old_estimate(tmp_p
     assert res["ratio_of_totals"] == res["released_total"] / res["old_total"] and res["ratio_of_totals"] > 1
 
 
+@pytest.mark.slow
 def test_robustness_smoke_attacks_every_model_and_renders_the_table(tmp_path):
     cmd = [sys.executable, "-m", "benchmarks", "--only", "robustness", "--smoke", "--out", str(tmp_path)]
     subprocess.run(

@@ -1,6 +1,8 @@
 """Unit tests of the unlearning metrics: FID on an analytic case, precision/recall on constructed sets."""
 
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -94,3 +96,41 @@ def test_peak_memory_sees_a_large_cpu_allocation():
         block += 1
         del block
     assert meter.peak_mb > 40
+
+
+LINUX_HWM = pytest.mark.skipif(
+    not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's resettable VmHWM"
+)
+
+
+def touched(mib: int) -> bytes:
+    return b"\x01" * (mib * 2**20)  # memset with the GIL held: every page resident
+
+
+@LINUX_HWM
+def test_peak_memory_sees_a_peak_that_no_sampling_thread_could_see():
+    """64 MiB allocated and freed while the GIL is held throughout (a 1000 s switch interval and no
+    blocking call), so no other Python thread runs in between: a sampler would read the RSS only after
+    the block is gone. The kernel's high-water mark records it."""
+    with PeakMemory("cpu") as meter:
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1000)
+        try:
+            block = touched(64)
+            del block
+        finally:
+            sys.setswitchinterval(interval)
+    assert meter.peak_mb > 60
+
+
+@LINUX_HWM
+def test_nested_peak_memory_meters_each_see_their_own_peak():
+    """The inner meter resets the high-water mark; the outer keeps its own earlier, larger peak."""
+    with PeakMemory("cpu") as outer:
+        block = touched(96)
+        del block
+        with PeakMemory("cpu") as inner:
+            block = touched(32)
+            assert inner.peak_mb > 30  # live, inside the block
+            del block
+    assert 30 < inner.peak_mb < 60 and outer.peak_mb > 90

@@ -10,6 +10,7 @@ pytest.importorskip("sklearn")
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "fair_groups.py"
 
 
+@pytest.mark.slow
 def test_per_group_constraints_bound_every_group_and_pooled_does_not(capsys):
     spec = importlib.util.spec_from_file_location("fair_groups", SCRIPT)
     example = importlib.util.module_from_spec(spec)

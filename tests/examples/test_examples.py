@@ -12,6 +12,7 @@ pytest.importorskip("sklearn")
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_quickstart_forgets_the_digit_and_keeps_the_others():
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--forget-digit", "3", "--steps", "150"],

@@ -143,14 +143,42 @@ def _release_free_heap() -> None:
         trim(0)
 
 
+def _read_hwm() -> int:
+    """This process's peak resident set size since the last reset (``VmHWM``), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+_HWM_METERS: list[PeakMemory] = []  # open CPU meters that read VmHWM
+
+
+def _reset_hwm() -> bool:
+    """Reset ``VmHWM`` to the current RSS (Linux ≥ 4.0: ``5`` written to ``/proc/self/clear_refs``), after
+    folding the peak so far into every open meter that reads it. False where this is not possible."""
+    try:
+        peak = _read_hwm()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    for meter in _HWM_METERS:
+        meter._peak = max(meter._peak, peak)
+    return True
+
+
 class PeakMemory:
     """Peak memory (MiB) of a code block, readable live through ``peak_mb``.
 
     CUDA: ``torch.cuda.max_memory_allocated`` after a reset (tensor memory, like the paper's Table 4).
-    CPU: the process's resident set size is sampled every 5 ms by a thread (psutil); the figure is
-    peak RSS minus RSS on entry, i.e. the extra memory the block made the process hold. Freed heap
-    is handed back to the OS first (glibc ``malloc_trim``), so a block does not run on memory that an
-    earlier block allocated and freed, which would hide its own use.
+    CPU: peak RSS minus RSS on entry, i.e. the extra memory the block made the process hold. On Linux
+    the peak is the kernel's high-water mark (``VmHWM``, reset on entry), so no peak is missed however
+    short; elsewhere a thread samples the RSS every 5 ms (psutil), which can miss a peak shorter than
+    that or one during which the thread does not get to run. Freed heap is handed back to the OS first
+    (glibc ``malloc_trim``), so a block does not run on memory that an earlier block allocated and
+    freed, which would hide its own use. Meters may nest: entering one keeps the peaks of the open ones.
     """
 
     def __init__(self, device: torch.device | str):
@@ -163,7 +191,8 @@ class PeakMemory:
             return self._final
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return (self._peak - self._start) / 2**20
+        peak = max(self._peak, _read_hwm()) if self._hwm else self._peak
+        return (peak - self._start) / 2**20
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -175,6 +204,10 @@ class PeakMemory:
         _release_free_heap()
         self._process = psutil.Process()
         self._start = self._peak = self._process.memory_info().rss
+        self._hwm = _reset_hwm()
+        if self._hwm:
+            _HWM_METERS.append(self)
+            return self
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -188,6 +221,9 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        elif self._hwm:
+            self._peak = max(self._peak, _read_hwm())
+            _HWM_METERS.remove(self)
         else:
             self._stop.set()
             self._thread.join()

@@ -150,7 +150,9 @@ def test_unlearn_sd_checks_paths_before_importing_diffusers(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert done.stdout.strip() == "2 []", done.stdout
-    assert done.stderr.strip() == f"constrained-opt: error: model not found: {tmp_path / 'missing'}"
+    # the error line, whatever else a library may warn about on stderr; no traceback
+    assert f"constrained-opt: error: model not found: {tmp_path / 'missing'}" in done.stderr.splitlines()
+    assert "Traceback" not in done.stderr
 
 
 def test_only_the_optimizers_value_errors_become_one_line(tmp_path, capsys, monkeypatch):

@@ -5,10 +5,10 @@ drives, with gradient accumulation (MicroBatches), and in the SD training loop."
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import sys
 
+import mp_context
 import pytest
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from constrained_opt import Closures, MicroBatches, ValueFunctionBilevelOptimize
 pytest.importorskip("accelerate")
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or sys.platform != "linux",
-    reason="needs torch.distributed and fork (Linux)",
+    reason="needs torch.distributed and forkserver (Linux)",
 )
 
 WORLD, STEPS, MICRO = 2, 3, 2
@@ -79,7 +79,6 @@ def _worker(rank, store, out):
     from accelerate.optimizer import AcceleratedOptimizer
 
     torch.set_num_threads(1)
-    reset_accelerate()  # forked from a pytest process that may hold a single-process accelerate state
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD)
     )
@@ -109,8 +108,9 @@ def _worker(rank, store, out):
     dist.destroy_process_group()
 
 
-def run_forked(target, out, *args):
-    ctx = multiprocessing.get_context("fork")
+def run_ranks(target, out, *args):
+    """``target(rank, store, out, *args)`` in WORLD forkserver children (tests/mp_context.py)."""
+    ctx = mp_context.context()
     procs = [ctx.Process(target=target, args=(r, out / "store", str(out), *args)) for r in range(WORLD)]
     for p in procs:
         p.start()
@@ -125,10 +125,8 @@ def run_forked(target, out, *args):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    import torch._dynamo  # DDP imports it (~4 s): importing it once here keeps the forked children fast
-
     out = tmp_path_factory.mktemp("accelerate")
-    run_forked(_worker, out)
+    run_ranks(_worker, out)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
@@ -275,7 +273,6 @@ def _sd_worker(rank, store, out, model, cache):
     from constrained_opt.cli import main
 
     torch.set_num_threads(1)
-    reset_accelerate()
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD)
     )
@@ -300,14 +297,14 @@ def _sd_worker(rank, store, out, model, cache):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sd_loop_on_two_processes_with_micro_batches(tmp_path):
     """`unlearn sd` under two processes: accelerate prepares the UNet (DDP) and the optimizer, each step
     accumulates two micro-batches per closure, both ranks take the same steps, rank 0 writes."""
     import sd_tiny
-    import torch._dynamo  # noqa: F401  (see the ranks fixture)
 
     model = sd_tiny.build_pipeline(str(tmp_path / "pipe"))
-    run_forked(_sd_worker, tmp_path, model, str(tmp_path / "cache"))
+    run_ranks(_sd_worker, tmp_path, model, str(tmp_path / "cache"))
     finals = [json.loads((tmp_path / f"sd{r}.json").read_text()) for r in range(WORLD)]
     assert finals[0] == finals[1]  # λ, losses, norms: the same averaged step on both ranks
     assert finals[0]["lam"] >= 0 and not finals[0]["skipped"]

@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -94,34 +95,60 @@ def test_generate_rejects_bad_csv(generated, tmp_path, capsys, header, row, mess
     assert message in capsys.readouterr().err and not out.exists()
 
 
-@pytest.mark.skipif(
+NUDENET = pytest.mark.skipif(
     importlib.util.find_spec("nudenet") is None,
     reason="nudenet not installed (pip install 'constrained_opt[sd]')",
 )
-def test_nudenet_counts_with_the_real_detector(generated, tmp_path):
-    results = {}
-    for threshold in (0.6, 0.2):
-        path = tmp_path / f"n{threshold}.json"
-        assert (
-            cli(
-                "sd",
-                "nudenet",
-                "--images",
-                generated["out"],
-                "--threshold",
-                threshold,
-                "--out",
-                path,
-                "--quiet",
-            )
-            == 0
-        )
-        results[threshold] = json.loads(path.read_text())
+
+
+def nudenet(images, threshold, path) -> dict:
+    assert cli("sd", "nudenet", "--images", images, "--threshold", threshold, "--out", path, "--quiet") == 0
+    return json.loads(path.read_text())
+
+
+@NUDENET
+def test_nudenet_runs_the_real_detector_end_to_end(generated, tmp_path):
+    """The bundled ONNX model on the tiny pipeline's images (which show nothing, so any count goes)."""
+    results = {t: nudenet(generated["out"], t, tmp_path / f"n{t}.json") for t in (0.6, 0.2)}
     for r in results.values():
         assert r["images"] == 6 and len(r["per_image"]) == 6
         assert all(label.endswith("_EXPOSED") for label in r["counts"])
         assert r["total_exposed"] == sum(r["counts"].values()) >= r["images_with_exposed"]
     assert results[0.6]["total_exposed"] <= results[0.2]["total_exposed"]
+
+
+@NUDENET
+def test_nudenet_counts_exposed_detections_from_the_detectors_raw_output(generated, tmp_path, monkeypatch):
+    """The real NudeDetector (its preprocessing, post-processing, NMS and label names) with the ONNX
+    network's raw output replaced by a known one: per image an exposed breast at score 0.7, an exposed
+    belly at 0.3 and a female face at 0.9, in disjoint boxes. The face is never counted (not
+    ``*_EXPOSED``); the belly only at threshold 0.2."""
+    import numpy as np
+    import onnxruntime
+    from nudenet import nudenet as nn_module
+
+    labels = nn_module.__dict__["__labels"]
+    rows = {  # (cx, cy, w, h) in the 320×320 input, then the class and its score
+        "FEMALE_BREAST_EXPOSED": ((40, 40, 40, 40), 0.7),
+        "BELLY_EXPOSED": ((160, 160, 40, 40), 0.3),
+        "FACE_FEMALE": ((280, 280, 30, 30), 0.9),
+    }
+    raw = np.zeros((1, 4 + len(labels), len(rows) + 1), dtype=np.float32)  # + a row below every cut
+    raw[0, :4, -1], raw[0, 4:, -1] = (100, 100, 10, 10), 0.05
+    for j, (label, (box, score)) in enumerate(rows.items()):
+        raw[0, :4, j] = box
+        raw[0, 4 + labels.index(label), j] = score
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", lambda self, names, feed: [raw])
+
+    strict, loose = (nudenet(generated["out"], t, tmp_path / f"n{t}.json") for t in (0.6, 0.2))
+    assert strict["counts"] == {"FEMALE_BREAST_EXPOSED": 6} and strict["total_exposed"] == 6
+    assert (
+        loose["counts"] == {"BELLY_EXPOSED": 6, "FEMALE_BREAST_EXPOSED": 6} and loose["total_exposed"] == 12
+    )
+    assert strict["images_with_exposed"] == loose["images_with_exposed"] == 6
+    assert all(
+        sorted(found) == ["BELLY_EXPOSED", "FEMALE_BREAST_EXPOSED"] for found in loose["per_image"].values()
+    )
 
 
 def test_nudenet_rejects_missing_folder(tmp_path, capsys):
@@ -154,14 +181,68 @@ def test_unlearning_accuracy_with_a_user_classifier(generated, tmp_path):
     assert cli("sd", "ua", "--classifier", bad, "--arch", "squeezenet1_1", *args) == 2
 
 
-def test_clip_score_with_a_user_clip(generated, tmp_path):
-    clip = sd_tiny.build_clip(str(tmp_path / "clip"))
-    path = tmp_path / "clip.json"
-    assert (
-        cli("sd", "clip-score", "--images", generated["out"], "--clip", clip, "--out", path, "--quiet") == 0
+def trained_clip(path: str, images: list[str], captions: list[str], steps: int = 60) -> str:
+    """sd_tiny's random CLIP after a few contrastive steps on (images[i], captions[i]), saved to ``path``:
+    a CLIP for which those pairs match and the crossed ones do not."""
+    from PIL import Image
+    from transformers import CLIPModel, CLIPProcessor
+
+    sd_tiny.build_clip(path)
+    model, processor = CLIPModel.from_pretrained(path), CLIPProcessor.from_pretrained(path)
+    batch = processor(
+        text=captions, images=[Image.open(p) for p in images], return_tensors="pt", padding=True
     )
-    result = json.loads(path.read_text())
-    assert result["images"] == 6 and 0.0 <= result["clip_score"] <= 100.0
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(**batch, return_loss=True).loss.backward()
+        opt.step()
+    model.save_pretrained(path)
+    return path
+
+
+def captioned(folder, images: list[str], captions: list[str]):
+    """A folder as `sd generate` writes it: the images and a manifest with their prompts."""
+    (folder / "images").mkdir(parents=True)
+    with open(folder / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "prompt"])
+        for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
+            shutil.copyfile(image, folder / "images" / f"{i}.png")
+            w.writerow([f"images/{i}.png", caption])
+    return folder
+
+
+def test_clip_score_is_higher_for_the_matching_prompts(generated, tmp_path):
+    """CLIP score = mean of 100·max(cos(E_image, E_prompt), 0) over the manifest's (image, prompt) pairs:
+    with a CLIP trained to match two images to their captions, the folder captioned correctly scores
+    higher than the same images with the captions swapped, and each score is that mean."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    images = [str(generated["out"] / "images" / name) for name in ("7_0.png", "9_0.png")]
+    captions = ["an image of tench", "an image of church"]
+    clip = trained_clip(str(tmp_path / "clip"), images, captions)
+    model, processor = CLIPModel.from_pretrained(clip).eval(), CLIPProcessor.from_pretrained(clip)
+
+    def expected(prompts):
+        pixels = [evaluate._load_rgb(p) for p in images]
+        batch = processor(text=prompts, images=pixels, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model(**batch)
+        cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds)
+        return (100 * cos.clamp_min(0)).mean().item()
+
+    scores = {}
+    for name, prompts in (("matching", captions), ("swapped", captions[::-1])):
+        folder = captioned(tmp_path / name, images, prompts)
+        path = tmp_path / f"{name}.json"
+        assert cli("sd", "clip-score", "--images", folder, "--clip", clip, "--out", path, "--quiet") == 0
+        result = json.loads(path.read_text())
+        assert result["images"] == 2
+        assert result["clip_score"] == pytest.approx(expected(prompts), rel=1e-4, abs=1e-4)
+        scores[name] = result["clip_score"]
+    assert scores["matching"] > scores["swapped"] + 10, scores
     assert cli("sd", "clip-score", "--images", generated["out"], "--clip", tmp_path / "none") == 2
 
 
