@@ -34,7 +34,8 @@ def test_select_sa_lambda_needs_sweep_rows():
 def test_sweep_and_report_items_record_their_seeds_and_budgets():
     sweep = comparison.command("sa_tuning", comparison.CONFIGS["sa_tuning"], "w")
     assert "--seeds 1" in sweep and "--seed " not in sweep  # seed 0 selects
-    for lam in comparison.SA_LAMBDAS:
+    assert "sa_lam10=" not in sweep  # the release's λ, measured by the comparison item
+    for lam in comparison.SA_SWEPT:
         assert f"--variant sa_lam{lam}=sa:lam={lam}" in sweep and f"--budget sa_lam{lam}=1000x128" in sweep
     tuned = dict(comparison.CONFIGS["sa_tuned"], variants=("sa_tuned=sa:lam=0.1",))
     assert "--seed 1 --seeds 3" in comparison.command("sa_tuned", tuned, "w")
@@ -47,6 +48,6 @@ def test_smoke_settings_reach_every_label_that_runs_sa_and_no_other():
     assert comparison.smoke_hp(comparison.CONFIGS["ablation"]) == ()
     sweep = comparison.smoke_hp(comparison.CONFIGS["sa_tuning"])
     assert {h.split("=")[0].rpartition(".")[0] for h in sweep} == {
-        f"sa_lam{lam}" for lam in comparison.SA_LAMBDAS
+        f"sa_lam{lam}" for lam in comparison.SA_SWEPT
     }
     assert "sa.fisher_stride=250" in comparison.smoke_hp(comparison.CONFIGS["comparison"])
