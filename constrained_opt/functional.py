@@ -224,9 +224,10 @@ def kkt_direction(retain_grad: Tensor, constraint_grad: Tensor, a: Tensor | floa
 
     Fp32/bf16/fp16 inputs whose fp32 Gram leaves the fp32 range (entries beyond ~1e19 overflow their
     squares, entries below ~1e-23 underflow them) are solved from an fp64 Gram instead, so any finite
-    input gives the right direction as long as λ itself is representable. Both Grams are formed, and
-    the choice is made on the device (no sync): the fp32 result, bit-identical to the closed form, is
-    kept wherever it is in range.
+    input gives the right direction as long as λ itself is representable; so are m constraints whose
+    fp32 solve reports a shortfall (rows within fp32's dependence threshold, sin θ ≤ ε^¼ ≈ 1.07°, solve
+    as dependent). Both Grams are formed, and the choice is made on the device (no sync): the fp32
+    result, bit-identical to the closed form, is kept wherever it is in range and attains its targets.
     """
     if not (retain_grad.is_floating_point() and constraint_grad.is_floating_point()):
         raise TypeError(
@@ -236,11 +237,12 @@ def kkt_direction(retain_grad: Tensor, constraint_grad: Tensor, a: Tensor | floa
     if constraint_grad.dim() == 2 and constraint_grad.shape[0] > MAX_CONSTRAINTS:
         raise SettingError(too_many_constraints(constraint_grad.shape[0]))
     g = gram(constraint_grad, retain_grad)
-    lam = kkt_multiplier(a, g)
+    lam, shortfall = kkt_solve(a, g)
     if g.gg.dtype != torch.float64:
         wide = gram(constraint_grad, retain_grad, torch.float64)
         lam_wide = kkt_multiplier(torch.as_tensor(a, dtype=torch.float64, device=g.gg.device), wide)
-        lam = torch.where(gram_in_range(g), lam, lam_wide.to(lam.dtype))
+        trusted = gram_in_range(g) & (shortfall == 0).all()
+        lam = torch.where(trusted, lam, lam_wide.to(lam.dtype))
     rows = constraint_grad.to(retain_grad.dtype)
     if rows.dim() == 2:
         delta = retain_grad + (lam.to(retain_grad.dtype)[:, None] * rows).sum(0)

@@ -268,14 +268,16 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _project(self, state: StepState, plan: ProjectionPlan) -> tuple[Solution, dict[str, list[float]]]:
-        """The projection (sync-free) and the host values it is read into. A Gram out of the fp32 range
-        (an overflowed square of a finite gradient, or a squared norm below ~1e-31) is formed again in
-        fp64 after the sync, on that step only (one more pass and sync)."""
+        """The projection (sync-free) and the host values it is read into. An fp32 Gram out of range (an
+        overflowed square of a finite gradient, or a squared norm below ~1e-31), or one whose solve
+        reports a shortfall (rows within fp32's dependence threshold, sin θ ≤ ε^¼ ≈ 1.07°, solve as
+        dependent), is formed again in fp64 after the sync, on that step only (one more pass and sync)."""
         values = loss_values(state, plan.device, plan.dtype)
         args = (state.hyper, self.rule, self.max_grad_norm, state.scaling)
         solution = solve(plan, values.g, values.unscale, *args)
         host = read(solution, values)
-        if not all(v > 0 for v in host["gram_in_range"]):
+        ill_conditioned = plan.dtype != torch.float64 and any(v > 0 for v in host["shortfall"])
+        if ill_conditioned or not all(v > 0 for v in host["gram_in_range"]):
             solution = solve(plan, values.g.double(), values.unscale.double(), *args, torch.float64)
             host = read(solution, values)
         return solution, host
