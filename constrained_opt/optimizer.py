@@ -172,7 +172,10 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]
-        check_unique([params] if isinstance(params, Tensor) else list(params))
+        listed = [params] if isinstance(params, Tensor) else list(params)
+        check_unique(listed)
+        if not isinstance(params, Tensor | set):  # a generator is spent by list(): keep the list
+            param_group["params"] = listed
         if not hasattr(self, "base_optimizer"):  # called from torch.optim.Optimizer.__init__
             super().add_param_group(param_group)
             return
