@@ -139,10 +139,34 @@ def _min_pivot(f):
 @example(
     _problem(
         [
-            [21.823233040201377, -17.523166804048287, -5.690562941758038, -7.836634487086126, -10.659705229746663],
-            [-8.907315129545301, -15.614101722038862, 5.366824690463935, -13.876265007635528, 3.9278582105700326],
-            [0.017959873135017523, 0.00025425888524510676, 0.0012385303356610236, 0.004170648838116102, 0.013384550545032872],
-            [-32.37553383343933, -0.4595119602243074, -2.2303502405882045, -7.515076281834804, -24.130739742026286],
+            [
+                21.823233040201377,
+                -17.523166804048287,
+                -5.690562941758038,
+                -7.836634487086126,
+                -10.659705229746663,
+            ],
+            [
+                -8.907315129545301,
+                -15.614101722038862,
+                5.366824690463935,
+                -13.876265007635528,
+                3.9278582105700326,
+            ],
+            [
+                0.017959873135017523,
+                0.00025425888524510676,
+                0.0012385303356610236,
+                0.004170648838116102,
+                0.013384550545032872,
+            ],
+            [
+                -32.37553383343933,
+                -0.4595119602243074,
+                -2.2303502405882045,
+                -7.515076281834804,
+                -24.130739742026286,
+            ],
         ],
         [35.904256225163834, -29.55593931180459, -99.25360890995519, 20.938453017005678, 56.95233450117367],
         [23.66045232259536, 27.101001954406478, 0.03773485489768746, 68.7610467740811],
@@ -176,7 +200,13 @@ def _min_pivot(f):
             [0.04156440958604785, -0.01284126843445698],
         ],
         [0.15307042324201434, 0.1016474845029175],
-        [0.54186126210459629, 121.61083745565661, 0.5705226259160685, 0.054910391241723429, -0.15105337030350485],
+        [
+            0.54186126210459629,
+            121.61083745565661,
+            0.5705226259160685,
+            0.054910391241723429,
+            -0.15105337030350485,
+        ],
     )
 )
 @given(near_opposite_problems())
@@ -191,7 +221,9 @@ def test_near_opposite_rows_meet_their_lowered_targets(problem):
     lam_hat = lam * norms  # λ in units of the normalised rows
     f_hat = f / norms[:, None]
     # the magnitudes summed in f̂·δ = f̂·r + Σ_j λ̂_j f̂_j·f̂_i, which bound its rounding
-    magnitude = float(r.norm()) + float((a / norms).abs().max()) + float(((f_hat @ f_hat.T).abs() @ lam_hat).max())
+    magnitude = (
+        float(r.norm()) + float((a / norms).abs().max()) + float(((f_hat @ f_hat.T).abs() @ lam_hat).max())
+    )
     tol = 1e-9 * magnitude
     assert bool((lam >= 0).all()) and bool((shortfall >= 0).all()) and bool(torch.isfinite(lam).all())
     slack = (f @ delta - (a - shortfall)) / norms
@@ -200,7 +232,9 @@ def test_near_opposite_rows_meet_their_lowered_targets(problem):
     _, fun = _scipy_projection(r.numpy(), f.numpy(), (a - shortfall).numpy())
     assert 0.5 * float(((delta - r) ** 2).sum()) <= fun * (1 + 1e-6) + 1e-6 * magnitude**2
     if _min_pivot(f) > 10 * math.sqrt(torch.finfo(torch.float64).eps):  # clearly independent rows
-        lp = scipy.optimize.linprog(np.zeros(f.shape[1]), A_ub=-f.numpy(), b_ub=-a.numpy(), bounds=(None, None))
+        lp = scipy.optimize.linprog(
+            np.zeros(f.shape[1]), A_ub=-f.numpy(), b_ub=-a.numpy(), bounds=(None, None)
+        )
         if lp.status == 0:  # attainable targets
             assert float(shortfall.max()) == 0
 
