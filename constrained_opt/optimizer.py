@@ -18,6 +18,7 @@ math is in :mod:`.functional` and :mod:`.rules`, the buffers in :mod:`._flat` (d
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -135,7 +136,7 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
         self._layout: FlatLayout | None = None
         self._plan: ProjectionPlan | None = None
         self._layout_key: tuple | None = None
-        own_defaults = {"inner_lr": inner_lr, **hyper}
+        own_defaults = {"inner_lr": inner_lr, **{k: _copied(v) for k, v in hyper.items()}}
 
         if isinstance(base_optimizer, torch.optim.Optimizer):
             if params is not None:
@@ -174,13 +175,13 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
         params = param_group["params"]
         listed = [params] if isinstance(params, Tensor) else list(params)
         check_unique(listed)
-        if not isinstance(params, Tensor | set):  # a generator is spent by list(): keep the list
+        if not isinstance(params, Tensor | set | list):  # a generator is spent by list(): keep the list
             param_group["params"] = listed
+        for k in ("inner_lr", *self.rule.hyperparameters):  # each group its own per-constraint list
+            param_group[k] = _copied(param_group.get(k, self.defaults[k]))
         if not hasattr(self, "base_optimizer"):  # called from torch.optim.Optimizer.__init__
             super().add_param_group(param_group)
             return
-        for k in ("inner_lr", *self.rule.hyperparameters):
-            param_group.setdefault(k, self.defaults[k])
         self.base_optimizer.add_param_group(param_group)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -299,3 +300,9 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
             self._plan = ProjectionPlan(self._layout, self.projection)
             self._layout_key = key
         return self._layout, self._plan
+
+
+def _copied(value: Any) -> Any:
+    """A per-constraint list or mapping copied (each param group and ``defaults`` own theirs, as after
+    a checkpoint round trip); numbers as they are."""
+    return copy.copy(value) if isinstance(value, list | dict) else value
