@@ -222,6 +222,8 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
 
     @property
     def steps_taken(self) -> int:
+        """Successful steps so far (a step a GradScaler skips is not counted); checkpointed as
+        ``state_dict()["bilevel"]["steps"]``."""
         return self._steps
 
     # ------------------------------------------------------------------ the step
