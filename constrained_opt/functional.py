@@ -339,11 +339,11 @@ def dual_qp(gg: Tensor, gr: Tensor, a: Tensor) -> KKTSolution:
     nonzero = sq > 0
     d = torch.sqrt(torch.where(nonzero, sq, torch.ones_like(sq)))
     outer = nonzero[:, None] & nonzero[None, :]
-    g_hat = torch.where(outer, gg / (d[:, None] * d[None, :]), torch.eye(m, dtype=wide, device=device))
+    eye = torch.eye(m, dtype=wide, device=device)
+    g_hat = torch.where(outer, gg / (d[:, None] * d[None, :]), eye)
     a_hat = torch.where(nonzero, a / d, torch.zeros_like(a))
     b_hat = torch.where(nonzero, (a - gr) / d, torch.zeros_like(a))
 
-    eye = torch.eye(m, dtype=wide, device=device)
     subsets = _subset_masks(m, device) & nonzero  # zero rows are never active
     unique = (_subset_masks(m, device) == subsets).all(-1)  # drop the duplicates this creates
     swept_g, swept = _sweep(g_hat.expand(len(subsets), m, m).clone(), subsets, tol_pivot)
@@ -365,8 +365,7 @@ def dual_qp(gg: Tensor, gr: Tensor, a: Tensor) -> KKTSolution:
     z = t - (c @ t.unsqueeze(-1)).squeeze(-1)
     # a candidate is a Farkas certificate only if F̂ᵀz ≈ 0, checked on Ĝ: ‖F̂ᵀz‖² = zᵀĜz ≤ m·tol·‖z‖²
     # (a dependent row is within tol of the span of B); an ill-conditioned B fails it
-    residual = ((z @ g_hat) * z).sum(-1)
-    certificate = residual <= m * tol_pivot * (z * z).sum(-1)
+    certificate = ((z @ g_hat) * z).sum(-1) <= m * tol_pivot * (z * z).sum(-1)
     ok = (z >= -tol[:, None, None]).all(-1) & unique & certificate
     best = torch.where(ok, (z * z).sum(-1), torch.full_like(ok, -1.0, dtype=wide)).argmax(-1)
     s_hat = z[torch.arange(len(best), device=device), best]  # [batch, m]
