@@ -224,9 +224,10 @@ def kkt_direction(retain_grad: Tensor, constraint_grad: Tensor, a: Tensor | floa
 
     Fp32/bf16/fp16 inputs whose fp32 Gram leaves the fp32 range (entries beyond ~1e19 overflow their
     squares, entries below ~1e-23 underflow them) are solved from an fp64 Gram instead, so any finite
-    input gives the right direction as long as λ itself is representable. Both Grams are formed, and
-    the choice is made on the device (no sync): the fp32 result, bit-identical to the closed form, is
-    kept wherever it is in range.
+    input gives the right direction as long as λ itself is representable; so are m constraints whose
+    fp32 solve reports a shortfall (rows within fp32's dependence threshold, sin θ ≤ ε^¼ ≈ 1.07°, solve
+    as dependent). Both Grams are formed, and the choice is made on the device (no sync): the fp32
+    result, bit-identical to the closed form, is kept wherever it is in range and attains its targets.
     """
     if not (retain_grad.is_floating_point() and constraint_grad.is_floating_point()):
         raise TypeError(
@@ -236,11 +237,12 @@ def kkt_direction(retain_grad: Tensor, constraint_grad: Tensor, a: Tensor | floa
     if constraint_grad.dim() == 2 and constraint_grad.shape[0] > MAX_CONSTRAINTS:
         raise SettingError(too_many_constraints(constraint_grad.shape[0]))
     g = gram(constraint_grad, retain_grad)
-    lam = kkt_multiplier(a, g)
+    lam, shortfall = kkt_solve(a, g)
     if g.gg.dtype != torch.float64:
         wide = gram(constraint_grad, retain_grad, torch.float64)
         lam_wide = kkt_multiplier(torch.as_tensor(a, dtype=torch.float64, device=g.gg.device), wide)
-        lam = torch.where(gram_in_range(g), lam, lam_wide.to(lam.dtype))
+        trusted = gram_in_range(g) & (shortfall == 0).all()
+        lam = torch.where(trusted, lam, lam_wide.to(lam.dtype))
     rows = constraint_grad.to(retain_grad.dtype)
     if rows.dim() == 2:
         delta = retain_grad + (lam.to(retain_grad.dtype)[:, None] * rows).sum(0)
@@ -313,9 +315,16 @@ def dual_qp(gg: Tensor, gr: Tensor, a: Tensor) -> KKTSolution:
     2. The projection with targets â − s*: λ̂_S = Ĝ_SS⁻¹(b̂_S − s*_S), b̂ = â − F̂r, kept if λ̂ ≥ 0 and
        every other constraint holds; the candidate with the smallest violation of these conditions is
        the KKT point (any of them gives the same δ when rows are dependent).
+    3. Polish: a row that δ still misses by more than the rounding of Ĝλ̂ − b̂ (a row within the
+       threshold of the span of others, so not exactly on it) has its shortfall raised to the miss, so
+       δ = r + F̂ᵀλ̂ is exactly the projection of r onto the targets a − s that are reported.
 
     Everything is done in fp64 on the device, sync-free. A pivot (squared sine of the angle between a
-    row and the span of the rows before it) below √ε of ``gg``'s dtype marks a dependent row.
+    row and the span of the rows before it) below tol = √ε of ``gg``'s dtype marks a dependent row, and
+    shortfalls below 1e-3·tol of the scale max(|â_i|, |b̂_i|) count as 0 (the rounding of the data); a
+    set S counts as independent only if the smallest eigenvalue of Ĝ_SS also exceeds tol/2 (checked by
+    a Cholesky of Ĝ_SS − tol/2·I, since the sweep's later pivots carry the rounding of the earlier
+    ones), and a Farkas candidate only if ‖F̂ᵀz‖² ≤ m·tol·‖z‖².
     """
     m = gg.shape[-1]
     if m > MAX_CONSTRAINTS + 1:  # the multi-objective rules solve it over all m + 1 rows
@@ -330,7 +339,8 @@ def dual_qp(gg: Tensor, gr: Tensor, a: Tensor) -> KKTSolution:
     nonzero = sq > 0
     d = torch.sqrt(torch.where(nonzero, sq, torch.ones_like(sq)))
     outer = nonzero[:, None] & nonzero[None, :]
-    g_hat = torch.where(outer, gg / (d[:, None] * d[None, :]), torch.eye(m, dtype=wide, device=device))
+    eye = torch.eye(m, dtype=wide, device=device)
+    g_hat = torch.where(outer, gg / (d[:, None] * d[None, :]), eye)
     a_hat = torch.where(nonzero, a / d, torch.zeros_like(a))
     b_hat = torch.where(nonzero, (a - gr) / d, torch.zeros_like(a))
 
@@ -338,24 +348,33 @@ def dual_qp(gg: Tensor, gr: Tensor, a: Tensor) -> KKTSolution:
     unique = (_subset_masks(m, device) == subsets).all(-1)  # drop the duplicates this creates
     swept_g, swept = _sweep(g_hat.expand(len(subsets), m, m).clone(), subsets, tol_pivot)
     dependent = subsets & ~swept
+    # The sweep's pivots carry the rounding of the pivots before them, so an independent set is also
+    # checked from Ĝ itself: its smallest eigenvalue exceeds tol/2 (1 − cos θ for two rows at angle θ
+    # to (anti)parallel, whose pivot is sin²θ ≈ 2(1 − cos θ)), i.e. Ĝ_SS − (tol/2)I is positive definite.
+    on = subsets[:, :, None] & subsets[:, None, :]
+    shifted = torch.where(on, g_hat - 0.5 * tol_pivot * eye, eye)
+    conditioned = torch.linalg.cholesky_ex(shifted)[1] == 0
     scale = torch.maximum(a_hat.abs().amax(-1), b_hat.abs().amax(-1))  # [batch]
     tol = (1e3 * torch.finfo(out_dtype).eps * m) * scale
 
     # 1. least violation s* = Π_K(â)
     c = swept_g * (swept[:, :, None] & dependent[:, None, :])  # [P, m, m], nonzero on B x D only
-    h = torch.eye(m, dtype=wide, device=device) + c.transpose(1, 2) @ c
+    h = eye + c.transpose(1, 2) @ c
     rhs = (a_hat[:, None, :] - (a_hat[:, None, None, :] @ c).squeeze(-2)) * dependent  # [batch, P, m]
     t = torch.linalg.solve_ex(h, rhs.unsqueeze(-1))[0].squeeze(-1) * dependent
     z = t - (c @ t.unsqueeze(-1)).squeeze(-1)
-    ok = (z >= -tol[:, None, None]).all(-1) & unique
+    # a candidate is a Farkas certificate only if F̂ᵀz ≈ 0, checked on Ĝ: ‖F̂ᵀz‖² = zᵀĜz ≤ m·tol·‖z‖²
+    # (a dependent row is within tol of the span of B); an ill-conditioned B fails it
+    certificate = ((z @ g_hat) * z).sum(-1) <= m * tol_pivot * (z * z).sum(-1)
+    ok = (z >= -tol[:, None, None]).all(-1) & unique & certificate
     best = torch.where(ok, (z * z).sum(-1), torch.full_like(ok, -1.0, dtype=wide)).argmax(-1)
     s_hat = z[torch.arange(len(best), device=device), best]  # [batch, m]
     s_hat = torch.where(s_hat > tol[:, None], s_hat, torch.zeros_like(s_hat))
 
     # 2. projection onto the attainable targets â − s*
     target = b_hat - s_hat
-    independent = (~dependent.any(-1)) & unique
-    inv = -swept_g * (subsets[:, :, None] & subsets[:, None, :])  # Ĝ_SS⁻¹, zero elsewhere
+    independent = (~dependent.any(-1)) & unique & conditioned
+    inv = -swept_g * on  # Ĝ_SS⁻¹, zero elsewhere
     lam_hat = (inv @ target[:, None, :, None]).squeeze(-1)  # [batch, P, m]
     slack = (lam_hat @ g_hat) - target[:, None, :]  # Ĝλ̂ − b̂': ≥ 0 off S, 0 on S
     off = ~subsets & nonzero
@@ -364,7 +383,27 @@ def dual_qp(gg: Tensor, gr: Tensor, a: Tensor) -> KKTSolution:
     )
     violation = torch.where(independent, violation, torch.full_like(violation, math.inf))
     choice = violation.argmin(-1)
-    lam_hat = torch.clamp_min(lam_hat[torch.arange(len(choice), device=device), choice], 0.0)
+    rows = torch.arange(len(choice), device=device)
+    lam_hat = torch.clamp_min(lam_hat[rows, choice], 0.0)
+    # one step of iterative refinement on the chosen set: Ĝ_SS⁻¹ from the sweep carries an error ~ε·κ,
+    # which a nearly singular (but independent) Ĝ_SS turns into a residual above rounding
+    chosen = subsets[choice]  # [batch, m]
+    residual = (target - lam_hat @ g_hat) * chosen
+    lam_hat = torch.clamp_min(lam_hat + (inv[choice] @ residual.unsqueeze(-1)).squeeze(-1) * chosen, 0.0)
+
+    # 3. polish: a row that δ still misses (a dependent row, which lies within tol of the span of the
+    # active rows, not on it) has its target lowered to what δ attains, so δ = r + F̂ᵀλ̂ is exactly the
+    # projection onto â − ŝ (λ̂ ≥ 0, the active rows met with equality, the others with slack ≥ 0).
+    # Misses within the rounding of Ĝλ̂ − b̂' (relative to the magnitudes summed) are not shortfalls.
+    product = lam_hat[:, None, :] * g_hat  # [batch, m, m]
+    miss = torch.clamp_min(target - product.sum(-1), 0.0) * nonzero
+    rounding = (64 * torch.finfo(out_dtype).eps * (m + 1)) * (
+        scale[:, None] + target.abs() + product.abs().sum(-1)
+    )
+    s_hat = s_hat + torch.where(miss > rounding, miss, torch.zeros_like(miss))
+    # A shortfall below 1e-3·√ε of the problem's scale is the rounding of its data (targets met exactly
+    # by opposite rows, say), not a conflict: it is reported as 0, so `infeasible` is not raised.
+    s_hat = torch.where(s_hat > (1e-3 * tol_pivot) * scale[:, None], s_hat, torch.zeros_like(s_hat))
     lam = torch.where(nonzero, lam_hat / d, torch.zeros_like(lam_hat))
     shortfall = torch.where(nonzero, s_hat * d, torch.clamp_min(a, 0.0))
     return KKTSolution(lam.reshape(*batch, m).to(out_dtype), shortfall.reshape(*batch, m).to(out_dtype))

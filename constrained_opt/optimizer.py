@@ -18,6 +18,7 @@ math is in :mod:`.functional` and :mod:`.rules`, the buffers in :mod:`._flat` (d
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -135,7 +136,7 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
         self._layout: FlatLayout | None = None
         self._plan: ProjectionPlan | None = None
         self._layout_key: tuple | None = None
-        own_defaults = {"inner_lr": inner_lr, **hyper}
+        own_defaults = {"inner_lr": inner_lr, **{k: _copied(v) for k, v in hyper.items()}}
 
         if isinstance(base_optimizer, torch.optim.Optimizer):
             if params is not None:
@@ -172,12 +173,15 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]
-        check_unique([params] if isinstance(params, Tensor) else list(params))
+        listed = [params] if isinstance(params, Tensor) else list(params)
+        check_unique(listed)
+        if not isinstance(params, Tensor | set | list):  # a generator is spent by list(): keep the list
+            param_group["params"] = listed
+        for k in ("inner_lr", *self.rule.hyperparameters):  # each group its own per-constraint list
+            param_group[k] = _copied(param_group.get(k, self.defaults[k]))
         if not hasattr(self, "base_optimizer"):  # called from torch.optim.Optimizer.__init__
             super().add_param_group(param_group)
             return
-        for k in ("inner_lr", *self.rule.hyperparameters):
-            param_group.setdefault(k, self.defaults[k])
         self.base_optimizer.add_param_group(param_group)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -218,6 +222,8 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
 
     @property
     def steps_taken(self) -> int:
+        """Successful steps so far (a step a GradScaler skips is not counted); checkpointed as
+        ``state_dict()["bilevel"]["steps"]``."""
         return self._steps
 
     # ------------------------------------------------------------------ the step
@@ -268,14 +274,16 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _project(self, state: StepState, plan: ProjectionPlan) -> tuple[Solution, dict[str, list[float]]]:
-        """The projection (sync-free) and the host values it is read into. A Gram out of the fp32 range
-        (an overflowed square of a finite gradient, or a squared norm below ~1e-31) is formed again in
-        fp64 after the sync, on that step only (one more pass and sync)."""
+        """The projection (sync-free) and the host values it is read into. An fp32 Gram out of range (an
+        overflowed square of a finite gradient, or a squared norm below ~1e-31), or one whose solve
+        reports a shortfall (rows within fp32's dependence threshold, sin θ ≤ ε^¼ ≈ 1.07°, solve as
+        dependent), is formed again in fp64 after the sync, on that step only (one more pass and sync)."""
         values = loss_values(state, plan.device, plan.dtype)
         args = (state.hyper, self.rule, self.max_grad_norm, state.scaling)
         solution = solve(plan, values.g, values.unscale, *args)
         host = read(solution, values)
-        if not all(v > 0 for v in host["gram_in_range"]):
+        ill_conditioned = plan.dtype != torch.float64 and any(v > 0 for v in host["shortfall"])
+        if ill_conditioned or not all(v > 0 for v in host["gram_in_range"]):
             solution = solve(plan, values.g.double(), values.unscale.double(), *args, torch.float64)
             host = read(solution, values)
         return solution, host
@@ -294,3 +302,9 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
             self._plan = ProjectionPlan(self._layout, self.projection)
             self._layout_key = key
         return self._layout, self._plan
+
+
+def _copied(value: Any) -> Any:
+    """A per-constraint list or mapping copied (each param group and ``defaults`` own theirs, as after
+    a checkpoint round trip); numbers as they are."""
+    return copy.copy(value) if isinstance(value, list | dict) else value

@@ -424,3 +424,30 @@ def test_version_1_checkpoints_still_load_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="version-1 checkpoint: it carries no checksum"):
         assert load_checkpoint(path, fresh, fresh_opt)["step"] == 1
     assert torch.equal(flat(fresh), flat(model)) and fresh_opt.steps_taken == 1
+
+
+def test_per_constraint_lists_are_each_groups_own_before_and_after_a_round_trip(tmp_path):
+    """A per-constraint η list is copied into every param group and ``defaults`` (as a checkpoint
+    round trip leaves them): changing one group's list changes no other group, before and after."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    eta = [1.0, 0.5]
+    opt = ValueFunctionBilevelOptimizer(
+        [{"params": model[0].parameters()}, {"params": model[1].parameters()}],
+        torch.optim.SGD,
+        lr=0.1,
+        eta=eta,
+        projection="per_group",
+    )
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))]})
+
+    def owners():
+        return [opt.defaults["eta"], *(g["eta"] for g in opt.param_groups)]
+
+    assert len({id(v) for v in [eta, *owners()]}) == 5 and all(v == [1.0, 0.5] for v in owners())
+    opt.param_groups[0]["eta"][0] = 2.0
+    assert [v[0] for v in owners()] == [1.0, 2.0, 1.0, 1.0] and eta == [1.0, 0.5]
+    save_checkpoint(tmp_path / "c.safetensors", model, opt)
+    opt.param_groups[1]["eta"][1] = 7.0
+    load_checkpoint(tmp_path / "c.safetensors", model, opt)
+    assert len({id(v) for v in owners()}) == 4
+    assert [v for v in owners()] == [[1.0, 0.5], [2.0, 0.5], [1.0, 0.5], [1.0, 0.5]]

@@ -336,6 +336,39 @@ def test_base_optimizer_instance_and_add_param_group():
     assert not torch.equal(model.head.weight, head_before)
 
 
+def test_params_given_as_generators_in_param_groups_are_kept_as_torch_keeps_them():
+    """A generator in a param group (at construction and in add_param_group) is read once: the groups
+    hold the same parameters as torch.optim.SGD's, and every group is trained."""
+    model, problem = Net(), Problem()
+
+    def groups():
+        return [{"params": model.body.parameters()}, {"params": list(model.head.parameters())}]
+
+    opt = ValueFunctionBilevelOptimizer(groups(), torch.optim.SGD, lr=0.1)
+    sgd = torch.optim.SGD(groups(), lr=0.1)
+    sizes = [len(g["params"]) for g in sgd.param_groups]
+    assert [len(g["params"]) for g in opt.param_groups] == sizes == [4, 2]
+    assert all(
+        a is b
+        for g, h in zip(opt.param_groups, sgd.param_groups, strict=True)
+        for a, b in zip(g["params"], h["params"], strict=True)
+    )
+    body_before = model.body[0].weight.detach().clone()
+    opt.step(*problem.closures(model))
+    assert not torch.equal(model.body[0].weight, body_before)  # the generator's group is trained
+
+    later = ValueFunctionBilevelOptimizer(model.body.parameters(), torch.optim.SGD, lr=0.1)
+    later.add_param_group({"params": model.head.parameters()})
+    sgd_later = torch.optim.SGD(model.body.parameters(), lr=0.1)
+    sgd_later.add_param_group({"params": model.head.parameters()})
+    assert [len(g["params"]) for g in later.param_groups] == [
+        len(g["params"]) for g in sgd_later.param_groups
+    ]
+    assert len(later.param_groups[1]["params"]) == 2
+    with pytest.raises(ValueError, match="more than once"):
+        later.add_param_group({"params": (p for p in [model.head.weight, model.head.weight])})
+
+
 def test_zero_grad_and_grads_after_step():
     model, problem = Net(), Problem()
     opt = ValueFunctionBilevelOptimizer(model.parameters(), torch.optim.SGD, lr=0.1)

@@ -2,6 +2,7 @@
 forms, per-constraint hyperparameters, rollback, GradScaler, clipping, per-group and checkpoints."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -145,3 +146,24 @@ def test_multi_objective_step_needs_a_multi_objective_rule():
         opt.step(list(forgets.values()))
     with pytest.raises(TypeError, match="got a single function"):
         opt.step(forgets["a"])
+
+
+@pytest.mark.parametrize("degrees", [0.5, 1.0])
+def test_fp32_gradients_near_opposite_are_solved_as_feasible(degrees):
+    """Two fp32 constraint gradients 0.5° and 1° from opposite, within fp32's dependence threshold
+    (sin θ ≤ ε^¼, 1.07°): the step re-forms the Gram in fp64, meets both targets ∇g_i·δ ≥ η‖∇g_i‖²
+    (δ has to travel ~2/sin θ along the small angle) and reports a feasible problem."""
+    angle = math.radians(degrees)
+    u = torch.tensor([1.0, 0.0, 0.0])
+    v = torch.tensor([-math.cos(angle), math.sin(angle), 0.0])
+    r = torch.tensor([0.1, 0.0, 1.0])
+    theta = nn.Parameter(torch.zeros(3))
+    opt = ValueFunctionBilevelOptimizer([theta], torch.optim.SGD, lr=1.0, eta=[1.0, 1.0])
+    stats = opt.step(lambda: r @ theta, [lambda: u @ theta, lambda: v @ theta])
+    delta = -theta.detach()  # SGD with lr = 1 moves by −δ
+    assert not stats.infeasible and stats.shortfalls == (0.0, 0.0)
+    tol = 16 * torch.finfo(torch.float32).eps * sum(stats.lams)  # δ = r + λ_1u + λ_2v rounded in fp32
+    assert float(u @ delta) >= 1 - tol and float(v @ delta) >= 1 - tol
+    _, lam = kkt_direction(r, torch.stack([u, v]), 1.0)  # the functional form takes the same fp64 path
+    _, lam64 = kkt_direction(r.double(), torch.stack([u, v]).double(), 1.0)
+    torch.testing.assert_close(lam.double(), lam64, rtol=1e-4, atol=0)
