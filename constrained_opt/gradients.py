@@ -106,8 +106,8 @@ def relearn(state: StepState, row: int, robust: Relearn, name: str, losses: list
     layout = state.layout
     lrs = [robust.lr] * layout.groups
     for j in range(robust.steps):
-        where = f"at relearning step θ_{j}"
-        losses.append(backward(layout, row, robust.attack, name, where, state.scaling, True, _flags(state)))
+        at = f"at relearning step θ_{j}"
+        losses.append(backward(layout, row, robust.attack, name, at, state.scaling, True, _flags(state)))
         with torch.no_grad():
             for b in layout.buckets:
                 b.descend(row, lrs)

@@ -19,7 +19,7 @@ from . import rules as R
 from ._flat import FlatLayout
 from .errors import ClosureError, SettingError, UpdateError
 from .problem import Task
-from .robust import Inversion, Relearn
+from .robust import Inversion, Relearn, Robust
 
 Hyperparameter = float | Sequence[float] | Mapping[str, float]
 
@@ -83,6 +83,11 @@ def check_task(task: Task, rule: R.Rule) -> None:
 
 def check_adversaries(task: Task, layout: FlatLayout, scaled: bool, group: Any) -> None:
     """What the step's robust constraints need from the setup (:mod:`.robust`), before anything moves."""
+    if isinstance(task.retain, Robust):
+        raise SettingError(
+            "the retain closure is a robust declaration; adversaries apply to constraints only: pass "
+            "Relearn/Sharpness/Inversion among the constraints, e.g. step(retain, {'robust': Relearn(...)})"
+        )
     for closure, label in zip(task.closures, task.labels, strict=True):
         if isinstance(closure, Relearn) and closure.second_order:
             reasons = [

@@ -404,6 +404,8 @@ def test_setups_an_adversary_cannot_serve_are_refused_before_anything_moves():
     with pytest.raises(SettingError, match=r"second_order=True.*a GradScaler is in use"):
         scaled.step(pb.retain, Relearn(pb.forget, attack=pb.attack, second_order=True))
     opt = ValueFunctionBilevelOptimizer(pb.model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(SettingError, match="adversaries apply to constraints only"):
+        opt.step(Sharpness(pb.retain), pb.forget)
     weight = pb.model[0].bias
     with pytest.raises(SettingError, match="Inversion over a tensor this optimizer trains"):
         opt.step(pb.retain, Inversion(lambda: pb.model(pb.xf + weight[:3]).sum(), input=weight))
