@@ -1,4 +1,5 @@
-"""Robust constraints under DDP on CPU/gloo: 2 ranks match one process over the concatenated batches.
+"""Robust constraints under DDP and FSDP2 on CPU/gloo: 2 ranks match one process over the concatenated
+batches.
 
 The attackers' gradients into the parameters are averaged by DDP (their backward runs into the
 constraint's row), the Inversion's input gradient is all-reduced by the optimizer (every rank holds the
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 WORLD, STEPS = 2, 2
+SCENARIOS = ("ddp", "fsdp")
 
 
 def make_model():
@@ -62,16 +64,34 @@ def _worker(rank, store, out):
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    model = make_model()
-    stats = train(nn.parallel.DistributedDataParallel(model), model, [rank])
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    torch.save({"params": params, "stats": stats}, os.path.join(out, f"rank{rank}.pt"))
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    results = {}
+    for name in SCENARIOS:
+        model = make_model()
+        if name == "ddp":
+            wrapped = nn.parallel.DistributedDataParallel(model)
+        else:
+            mesh = init_device_mesh("cpu", (WORLD,))
+            fully_shard(model[0], mesh=mesh)
+            wrapped = fully_shard(model, mesh=mesh, reshard_after_forward=True)
+        stats = train(wrapped, model, [rank])
+        params = {
+            n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in model.named_parameters()
+        }
+        results[name] = {"params": params, "stats": stats}
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-def test_two_ranks_match_one_process_with_every_adversary(tmp_path):
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Results of both ranks."""
+    out = tmp_path_factory.mktemp("robust_ddp")
     ctx = mp_context.context()
-    procs = [ctx.Process(target=_worker, args=(r, tmp_path / "store", str(tmp_path))) for r in range(WORLD)]
+    procs = [ctx.Process(target=_worker, args=(r, out / "store", str(out))) for r in range(WORLD)]
     for p in procs:
         p.start()
     for p in procs:
@@ -81,7 +101,12 @@ def test_two_ranks_match_one_process_with_every_adversary(tmp_path):
         if p.is_alive():
             p.kill()
     assert codes == [0] * WORLD, f"worker exit codes {codes}"
-    first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_two_ranks_match_one_process_with_every_adversary(ranks, name):
+    first, second = ranks[0][name], ranks[1][name]
     model = make_model()
     expected = train(model, model, list(range(WORLD)))
     for n, p in model.named_parameters():
