@@ -14,6 +14,7 @@ from torch.func import functional_call, grad
 from constrained_opt import (
     ClosureError,
     Inversion,
+    MicroBatches,
     Relearn,
     SettingError,
     Sharpness,
@@ -213,6 +214,38 @@ def test_inversion_is_danskin_the_row_matches_finite_differences_of_the_worst_ca
         dtype=torch.float64,
     )
     torch.testing.assert_close(row, fd, rtol=1e-7, atol=1e-9)
+
+
+def test_micro_batched_closures_give_the_rows_of_the_whole_batch():
+    """MicroBatches over two equal halves of the forget batch stand for the mean, so every adversary's
+    row equals the row on the whole batch (to rounding)."""
+
+    def rows(split):
+        pb = Problem(11)
+        halves = (slice(0, 3), slice(3, 6))
+
+        def loss(target, part):
+            return lambda: (pb.model(pb.xf[part] + pb.emb)[:, 0] - target).pow(2).mean()
+
+        def closure(target):
+            return MicroBatches([loss(target, h) for h in halves]) if split else loss(target, slice(None))
+
+        forget, attack = closure(1.0), closure(-1.0)
+        constraints = {
+            "relearn": Relearn(forget, attack=attack, steps=2, lr=0.3),
+            "sam": Sharpness(forget, rho=0.1, attack=attack),
+            "inv": Inversion(forget, input=pb.emb, steps=2, lr=0.05, eps=0.1, attack=attack),
+        }
+        opt = ValueFunctionBilevelOptimizer(
+            pb.model.parameters(), torch.optim.SGD, lr=LR, inner_steps=0, rule="scalarized"
+        )
+        stats = opt.step(pb.retain, constraints)
+        return pb.flat(), stats.attack_losses
+
+    (whole, whole_losses), (split, split_losses) = rows(False), rows(True)
+    torch.testing.assert_close(split, whole, rtol=1e-12, atol=1e-14)
+    for a, b in zip(split_losses, whole_losses, strict=True):
+        assert a == pytest.approx(b, rel=1e-12)
 
 
 # ---------------------------------------------------------------- all or nothing
