@@ -10,6 +10,7 @@ from .errors import ClosureError, OptimizerError, SettingError, UpdateError
 from .functional import Gram, gram, kkt_direction, kkt_multiplier, kkt_solve
 from .optimizer import ValueFunctionBilevelOptimizer
 from .problem import Closures, MicroBatches
+from .robust import Inversion, Relearn, Sharpness
 from .rules import Combination, Geometry, Rule
 from .stats import StepStats
 
@@ -19,10 +20,13 @@ __all__ = [
     "Combination",
     "Geometry",
     "Gram",
+    "Inversion",
     "MicroBatches",
     "OptimizerError",
+    "Relearn",
     "Rule",
     "SettingError",
+    "Sharpness",
     "StepStats",
     "UpdateError",
     "ValueFunctionBilevelOptimizer",

@@ -214,6 +214,7 @@ class FlatLayout:
         self.numel = sum(b.rows.shape[1] for b in self.buckets)
         self.rows = rows
         self.retain_row = rows - 1
+        self.groups = len(param_groups)
 
     @staticmethod
     def _bucket(

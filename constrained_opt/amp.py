@@ -86,6 +86,7 @@ class LossScaling:
         self.scale = scaler.scale(torch.ones((), dtype=torch.float32, device=device))
         self.inv = self.scale.double().reciprocal().float()
         self.inner_overflow: list[Tensor] = []
+        self.attack_overflow: list[Tensor] = []  # one flag per gradient of an adversary's attacker
 
     @classmethod
     def of(cls, scaler: torch.amp.GradScaler | None, layout: FlatLayout) -> LossScaling | None:

@@ -46,6 +46,12 @@ def average_losses(losses: Tensor, overflow: Tensor, group: Any) -> tuple[Tensor
     return packed[:n] / dist.get_world_size(group), packed[n:]
 
 
+def average_tensor(t: Tensor, group: Any) -> None:
+    """Average ``t`` over ``group`` in place (an adversary's input gradient, shared by the ranks)."""
+    dist.all_reduce(t, group=group)
+    t.div_(dist.get_world_size(group))
+
+
 def sum_over_shards(grams: list[list[Tensor]], shard_groups: list[list[list[Any]]]) -> None:
     """All-reduce (sum) the partial Gram matrices of sharded buckets in place of ``grams``,
     with one collective per distinct set of shard groups."""

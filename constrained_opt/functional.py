@@ -464,3 +464,33 @@ def clip_scale(products: DirectionProducts, max_norm: float | None) -> Tensor:
         return torch.ones_like(products.sq_norm)
     norm = torch.sqrt(products.sq_norm)
     return torch.clamp_max(max_norm / torch.clamp_min(norm, torch.finfo(norm.dtype).tiny), 1.0)
+
+
+# ------------------------------------------------ the adversaries' steps (constrained_opt.robust)
+def sharpness_scale(sq_norm: Tensor, rho: float) -> Tensor:
+    """ρ/‖g‖ from ‖g‖² (0 when g = 0): θ + (ρ/‖g‖)·g is SAM's worst-case point θ + ρ·g/‖g‖."""
+    norm = torch.sqrt(sq_norm)
+    positive = norm > 0
+    return torch.where(positive, rho / torch.where(positive, norm, torch.ones_like(norm)), 0.0)
+
+
+def steepest_ascent(grad: Tensor, norm: float) -> Tensor:
+    """The unit-norm direction u maximising g·u: g/‖g‖₂ for ``norm=2`` (0 when g = 0), sign(g) for
+    ``norm=math.inf``."""
+    if norm == math.inf:
+        return torch.sign(grad)
+    length = torch.linalg.vector_norm(grad.double()).to(grad.dtype)
+    return torch.where(length > 0, grad / torch.where(length > 0, length, torch.ones_like(length)), 0.0)
+
+
+def ball_projection(x: Tensor, center: Tensor, eps: float | None, norm: float) -> Tensor:
+    """The point of {y : ‖y − center‖ ≤ ε} nearest to x in ``norm`` (2 or inf); x itself for ε None:
+    center + (x − center)·min(1, ε/‖x − center‖₂), or center + clamp(x − center, −ε, ε)."""
+    if eps is None:
+        return x
+    d = x - center
+    if norm == math.inf:
+        return center + d.clamp(-eps, eps)
+    length = torch.linalg.vector_norm(d.double())
+    scale = torch.clamp_max(eps / torch.clamp_min(length, torch.finfo(torch.float64).tiny), 1.0)
+    return center + d * scale.to(d.dtype)

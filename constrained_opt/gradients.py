@@ -5,31 +5,47 @@ gradient steps φ^{k+1} = φ^k − ξ∇L_f,i(φ^k) (never through the base opti
 and L_f,i(φ^K) measured without a graph, so g_i(θ) = L_f,i(θ) − L_f,i(φ^K) with ∇g_i(θ) = ∇L_f,i(θ).
 Last, ∇L_r(θ) into the retain row. Gradients at φ^k, k ≥ 1, live in autograd's own ``.grad`` tensors
 and are freed after each descent.
+
+A robust constraint (:mod:`.robust`) first moves to its adversary's point θ′ (or x*), with the attacker's
+gradients in row i as scratch; its row, its loss and its inner loop (φ⁰ = θ′) are then taken there,
+and θ (or x) is put back before the next constraint.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from . import functional as F
 from ._flat import FlatLayout
 from .amp import LossScaling
-from .distributed import average_losses
+from .distributed import average_losses, average_tensor, sum_over_shards
 from .errors import ClosureError
 from .problem import Closure, StepState, checked_loss, parts, reaches
+from .robust import Inversion, Relearn, Robust, Sharpness
 from .transaction import StepTransaction
 
 
 def take_gradients(state: StepState, tx: StepTransaction, inner_steps: int, inner_lrs: list[float]) -> None:
     """Fill every row of ``state.layout`` and record the losses in ``state`` (``inner_lrs``: ξ per
-    param group; the inner loops run when ``state.inner_ran``)."""
+    param group; the inner loops run when ``state.inner_ran``). A robust constraint's row, loss and inner
+    loop are taken at its adversary's point (:func:`adversary_point`)."""
     task, layout, scaling = state.task, state.layout, state.scaling
     for row, (closure, label) in enumerate(zip(task.closures, task.labels, strict=True)):
-        measured = [backward(layout, row, closure, label, 0, scaling, unscale=state.inner_ran)]
-        if state.inner_ran:
-            with tx.displaced(layout.retain_row):  # the retain row is free until the retain pass
+        robust = closure if isinstance(closure, Robust) else None
+        objective = closure if robust is None else robust.closure
+        moves = state.inner_ran or (robust is not None and robust.moves_weights)
+        # the retain row is free until the retain pass: it holds θ's copy while θ is displaced
+        with (
+            tx.displaced(layout.retain_row) if moves else contextlib.nullcontext(),
+            adversary_point(state, tx, row, robust, label),
+        ):
+            measured = [backward(layout, row, objective, label, where(0, robust), scaling, state.inner_ran)]
+            if state.inner_ran:
                 for k in range(1, inner_steps + 1):
                     source = row if k == 1 else None
                     with torch.no_grad():
@@ -38,14 +54,180 @@ def take_gradients(state: StepState, tx: StepTransaction, inner_steps: int, inne
                             if source is None:
                                 b.detach_grads()  # free φ^{k-1}'s gradient before the next pass
                     if k < inner_steps:
-                        measured.append(backward(layout, None, closure, label, k, scaling, unscale=True))
+                        flags = scaling.inner_overflow if scaling is not None else None
+                        measured.append(
+                            backward(layout, None, objective, label, where(k, robust), scaling, True, flags)
+                        )
                 with torch.no_grad():
-                    measured.append(evaluate(closure, label, inner_steps))
+                    measured.append(evaluate(objective, label, where(inner_steps, robust)))
         state.losses.append(measured)
     if task.retain is not None:
         state.retain_loss = backward(
-            layout, layout.retain_row, task.retain, "retain_closure", None, scaling, unscale=False
+            layout, layout.retain_row, task.retain, "retain_closure", "at θ", scaling, unscale=False
         )
+
+
+@contextlib.contextmanager
+def adversary_point(
+    state: StepState, tx: StepTransaction, row: int, robust: Robust | None, label: str
+) -> Iterator[None]:
+    """Inside the block the closures see the adversary's point of ``robust`` (θ′, or the input x*;
+    nothing moves for a plain constraint); the attacker's losses go to ``state.attack_losses``. The
+    attacker's gradients use ``row`` as scratch, before the block writes the constraint's gradient
+    there. A displaced input is put back when the block ends; θ is put back by the caller's
+    ``tx.displaced``. For ``Relearn(second_order=True)`` the row is carried back through the attacker's
+    steps when the block ends."""
+    losses: list[Tensor] = []
+    state.attack_losses.append(losses)
+    if robust is None:
+        yield
+        return
+    name = f"the attack of {label}"
+    if isinstance(robust, Inversion):
+        with tx.input_displaced(robust.input, robust.saved_input()):
+            invert(state, row, robust, name, losses)
+            yield
+        return
+    if isinstance(robust, Relearn):
+        relearn(state, row, robust, name, losses)
+    else:
+        sharpen(state, row, robust, name, losses)
+    yield
+    if isinstance(robust, Relearn) and robust.second_order:
+        through_the_steps(state, tx, row, robust, name)
+
+
+def _flags(state: StepState) -> list[Tensor] | None:
+    return state.scaling.attack_overflow if state.scaling is not None else None
+
+
+def relearn(state: StepState, row: int, robust: Relearn, name: str, losses: list[Tensor]) -> None:
+    """θ ← θ − β∇L_a(θ), ``robust.steps`` times, each gradient in ``row``."""
+    layout = state.layout
+    lrs = [robust.lr] * layout.groups
+    for j in range(robust.steps):
+        at = f"at relearning step θ_{j}"
+        losses.append(backward(layout, row, robust.attack, name, at, state.scaling, True, _flags(state)))
+        with torch.no_grad():
+            for b in layout.buckets:
+                b.descend(row, lrs)
+
+
+def sharpen(state: StepState, row: int, robust: Sharpness, name: str, losses: list[Tensor]) -> None:
+    """θ ← θ + ρ·g/‖g‖, g = ∇L_a(θ) in ``row`` (‖g‖ in fp64, over the shards of sharded buckets)."""
+    layout = state.layout
+    losses.append(backward(layout, row, robust.attacker, name, "at θ", state.scaling, True, _flags(state)))
+    with torch.no_grad():
+        sq = [[F.gram_rows(b.rows[row : row + 1], torch.float64)] for b in layout.buckets]
+        if layout.sharded:
+            sum_over_shards(sq, [[b.shard_groups] for b in layout.buckets])
+        device = layout.buckets[0].rows.device
+        scale = F.sharpness_scale(sum(s.reshape(()).to(device) for (s,) in sq), robust.rho)
+        for b in layout.buckets:
+            b.rows[row].mul_(scale.to(device=b.rows.device, dtype=b.dtype))
+            b.descend(row, [-1.0] * layout.groups)
+
+
+def invert(state: StepState, row: int, robust: Inversion, name: str, losses: list[Tensor]) -> None:
+    """x ← Π_ε(x + α·u(∇_x L_a)), ``robust.steps`` times (x_0 is in ``robust.saved_input()``)."""
+    x, center, scaling = robust.input, robust.saved_input(), state.scaling
+    for j in range(robust.steps):
+        loss, grad = input_gradient(state, row, robust.attacker, x, name, f"at input step x_{j}")
+        if scaling is not None:
+            flags = _flags(state)
+            assert flags is not None
+            flags.append((~torch.isfinite(grad).all()).float().to(scaling.scale.device))
+            grad = grad * scaling.inv.to(grad.device)
+        with torch.no_grad():
+            moved = x + robust.lr * F.steepest_ascent(grad, robust.norm)
+            x.copy_(F.ball_projection(moved, center, robust.eps, robust.norm))
+        losses.append(loss)
+
+
+def input_gradient(
+    state: StepState, row: int, closure: Closure, x: Tensor, name: str, where: str
+) -> tuple[Tensor, Tensor]:
+    """(the loss, its gradient in x, times the loss scale), averaged over data-parallel ranks.
+
+    One process: ``torch.autograd.grad`` into x alone. Data parallel: a backward into the parameters
+    too (``row`` as scratch), since DDP's reducer expects every forward's backward to reach them."""
+    layout, scaling = state.layout, state.scaling
+    pieces = parts(closure)
+    total, grad = None, torch.zeros_like(x)
+    for piece in pieces:
+        x.requires_grad_(True)
+        loss = checked_loss(piece(), name, where)
+        target = loss / len(pieces)
+        target = target if scaling is None else scaling.scaled(target)
+        if state.group is None:
+            (g,) = torch.autograd.grad(target, [x], allow_unused=True) if target.requires_grad else (None,)
+        else:
+            for b in layout.buckets:
+                b.attach(row)
+            x.grad = None
+            if target.requires_grad:
+                torch.autograd.backward(target, inputs=None if layout.sharded else [*layout.params, x])
+            g, x.grad = x.grad, None
+            for b in layout.buckets:
+                b.detach_grads()
+        x.requires_grad_(False)
+        if g is None:
+            raise ClosureError(
+                f"{name}'s loss {where} does not depend on the Inversion's input; the closures must read "
+                "the tensor passed as input= (the optimizer changes it in place)"
+            )
+        grad += g
+        total = loss.detach() if total is None else total + loss.detach()
+    assert total is not None
+    if state.group is not None:
+        average_tensor(grad, state.group)
+    return total / len(pieces), grad
+
+
+def through_the_steps(state: StepState, tx: StepTransaction, row: int, robust: Relearn, name: str) -> None:
+    """v ← (I − βH_a(θ_0))⋯(I − βH_a(θ_{k−1}))·v for v = ``row`` = ∇L_c(θ_k): the exact gradient of
+    θ ↦ L_c(θ_k(θ)). Each θ_j is replayed from θ; H_a(θ_j)v by double backward."""
+    layout = state.layout
+    lrs = [robust.lr] * layout.groups
+    views = [v for b in layout.buckets for v in b.views[row]]
+    for j in reversed(range(robust.steps)):
+        tx.reset_theta()
+        for i in range(j):
+            backward(layout, None, robust.attack, name, f"at relearning step θ_{i}", None, False)
+            with torch.no_grad():
+                for b in layout.buckets:
+                    b.descend(None, lrs)
+                    b.detach_grads()
+        hv = hessian_vector_product(layout, robust.attack, views, name, f"at relearning step θ_{j}")
+        with torch.no_grad():
+            torch._foreach_add_(views, hv, alpha=-robust.lr)
+
+
+def hessian_vector_product(
+    layout: FlatLayout, closure: Closure, v: list[Tensor], name: str, where: str
+) -> list[Tensor]:
+    """H·v for the Hessian H of the closure's loss in the trained parameters (double backward)."""
+    out = [torch.zeros_like(t) for t in v]
+    pieces = parts(closure)
+    for piece in pieces:
+        loss = checked_loss(piece(), name, where) / len(pieces)
+        grads = torch.autograd.grad(loss, layout.params, create_graph=True, allow_unused=True)
+        used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        if not used:
+            continue  # the loss is linear in the parameters: H = 0
+        dot = sum((grads[i] * v[i]).sum() for i in used)
+        hv = torch.autograd.grad(dot, [layout.params[i] for i in used], allow_unused=True)
+        for i, h in zip(used, hv, strict=True):
+            if h is not None:
+                out[i].add_(h)
+    return out
+
+
+def where(k: int, robust: Robust | None) -> str:
+    """Where a loss is measured, for error messages: θ (or the adversary's point), or φ^k."""
+    if k:
+        return f"at inner step φ^{k}"
+    return "at θ" if robust is None else "at the adversary's point"
 
 
 def backward(
@@ -53,14 +235,14 @@ def backward(
     row: int | None,
     closure: Closure,
     name: str,
-    k: int | None,
+    where: str,
     scaling: LossScaling | None,
     unscale: bool,
+    flags: list[Tensor] | None = None,
 ) -> Tensor:
     """Zero ``row``, run the closure, differentiate it (times the loss scale) into ``row`` (for
     ``None``: into fresh ``.grad`` tensors); returns the detached loss. ``unscale``: divide the
-    gradient by the scale now (the inner descent reads it) and record whether it overflowed."""
-    where = "at θ" if not k else f"at inner step φ^{k}"
+    gradient by the scale now (a descent reads it) and append whether it overflowed to ``flags``."""
     for b in layout.buckets:
         b.attach(row)
     pieces = parts(closure)
@@ -70,8 +252,8 @@ def backward(
             b.adopt(row)
     if scaling is not None and unscale:
         overflow = scaling.unscale(layout, row)
-        if k:
-            scaling.inner_overflow.append(overflow)
+        if flags is not None:
+            flags.append(overflow)
     return total / len(pieces)
 
 
@@ -108,17 +290,19 @@ def differentiate(
     return loss.detach()
 
 
-def evaluate(closure: Closure, name: str, k: int) -> Tensor:
-    """L(φ^k) without a graph (the caller holds ``torch.no_grad``)."""
+def evaluate(closure: Closure, name: str, where: str) -> Tensor:
+    """The loss without a graph (the caller holds ``torch.no_grad``)."""
     pieces = parts(closure)
-    return sum(checked_loss(c(), name, f"at inner step φ^{k}").detach() for c in pieces) / len(pieces)
+    return sum(checked_loss(c(), name, where).detach() for c in pieces) / len(pieces)
 
 
 class LossValues(NamedTuple):
     """The measured losses as one device vector, averaged over data-parallel ranks, and what follows
-    from them: ``losses`` in measuring order (constraint i: L(θ), L(φ^1..φ^K); retain last),
-    ``overflow`` the inner-loop overflow flags (summed over ranks), ``at_theta`` the losses at θ,
-    ``g`` the constraint values, ``grad_scale`` the loss scale, ``unscale`` each row's 1/scale factor."""
+    from them: ``losses`` in measuring order (constraint i: L(θ), L(φ^1..φ^K); retain last; a robust
+    constraint's "θ" is its adversary's point), ``overflow`` the overflow flags of the inner loops, then
+    of the attackers (summed over ranks), ``at_theta`` the losses at θ, ``g`` the constraint values,
+    ``grad_scale`` the loss scale, ``unscale`` each row's 1/scale factor, ``attack`` the attackers'
+    losses in measuring order."""
 
     losses: Tensor
     overflow: Tensor
@@ -126,6 +310,7 @@ class LossValues(NamedTuple):
     g: Tensor
     grad_scale: Tensor
     unscale: Tensor
+    attack: Tensor
 
 
 def loss_values(state: StepState, device: torch.device, acc: torch.dtype) -> LossValues:
@@ -135,12 +320,15 @@ def loss_values(state: StepState, device: torch.device, acc: torch.dtype) -> Los
     flat = [x for measured in state.losses for x in measured]
     if state.retain_loss is not None:
         flat.append(state.retain_loss)
+    attack = [x for measured in state.attack_losses for x in measured]
+    flags = [] if scaling is None else [*scaling.inner_overflow, *scaling.attack_overflow]
     overflow = (
-        torch.stack(scaling.inner_overflow).to(device=device, dtype=acc)
-        if scaling is not None and scaling.inner_overflow
-        else torch.zeros(0, dtype=acc, device=device)
+        torch.stack(flags).to(device=device, dtype=acc) if flags else torch.zeros(0, dtype=acc, device=device)
     )
-    losses, overflow = average_losses(torch.stack(flat).to(device=device, dtype=acc), overflow, state.group)
+    every, overflow = average_losses(
+        torch.stack(flat + attack).to(device=device, dtype=acc), overflow, state.group
+    )
+    losses, attack_losses = every[: len(flat)], every[len(flat) :]
     starts = [0]
     for measured in state.losses:
         starts.append(starts[-1] + len(measured))
@@ -159,4 +347,4 @@ def loss_values(state: StepState, device: torch.device, acc: torch.dtype) -> Los
     else:
         grad_scale = scaling.scale.to(device=device, dtype=acc)
         unscale = scaling.row_factors(task.rows, state.inner_ran).to(device=device, dtype=acc)
-    return LossValues(losses, overflow, at_theta, g, grad_scale, unscale)
+    return LossValues(losses, overflow, at_theta, g, grad_scale, unscale, attack_losses)

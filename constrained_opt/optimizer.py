@@ -37,6 +37,7 @@ from .stats import StepStats, build_stats, read
 from .transaction import StepTransaction
 from .validation import (
     Hyperparameter,
+    check_adversaries,
     check_settings,
     check_task,
     check_unique,
@@ -253,6 +254,7 @@ class ValueFunctionBilevelOptimizer(torch.optim.Optimizer):
         layout, plan = self._current_layout(task.rows)  # 2. the buffers
         scaling = amp.LossScaling.of(scaler, layout)
         group = reduction_group(self.process_group, layout)
+        check_adversaries(task, layout, scaling is not None, group)
         state = StepState(task, layout, hyper, scaling, group, inner_ran=self._runs_inner_loop(task))
         with StepTransaction(layout) as tx:
             inner_lrs = [float(g["inner_lr"]) for g in self.param_groups]

@@ -171,7 +171,7 @@ class StepState:
     """Everything one step carries from stage to stage: the parsed task, the buffers, the resolved
     hyperparameters, the loss scaling and reduction group, whether the inner loops run, and what the
     gradient stage measured (per constraint L(θ), then L(φ^1..φ^K) when the inner loop ran; the retain
-    loss)."""
+    loss; per constraint the losses of its adversary's attacker, empty for a plain constraint)."""
 
     task: Task
     layout: FlatLayout
@@ -181,3 +181,4 @@ class StepState:
     inner_ran: bool  # whether the inner loops run this step
     losses: list[list[Tensor]] = field(default_factory=list)
     retain_loss: Tensor | None = None
+    attack_losses: list[list[Tensor]] = field(default_factory=list)

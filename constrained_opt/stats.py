@@ -43,6 +43,10 @@ class StepStats:
     of its gradient in δ (after clipping) and cos(δ, its gradient). A multi-objective step without a
     constraint leaves the constraint fields empty or NaN.
 
+    ``attack_losses`` holds, per constraint, the losses of its adversary's attacker at each of its
+    points (θ_0..θ_{k−1} for ``Relearn``, θ for ``Sharpness``, x_0..x_{k−1} for ``Inversion``; empty for a
+    plain constraint); the constraint's own fields (``forget_losses``, ...) are at the adversary's point.
+
     ``skipped`` is True when a GradScaler found an inf/NaN in a scaled gradient: θ and the base
     optimizer were left untouched and the scale was backed off. ``grad_scale`` is the loss scale the
     step used (1.0 without a scaler).
@@ -66,6 +70,7 @@ class StepStats:
     skipped: bool = False
     grad_scale: float = 1.0
     constraint_names: tuple[str, ...] = ()
+    attack_losses: tuple[tuple[float, ...], ...] = ()
     lams: tuple[float, ...] = ()
     g_values: tuple[float, ...] = ()
     forget_losses: tuple[float, ...] = ()
@@ -87,7 +92,8 @@ class StepStats:
 # The host vector, in order: the fields of :func:`device_summary`.
 HOST_FIELDS = (
     "losses",  # every loss, in measuring order (LossValues.losses)
-    "overflow",  # inner-loop overflow flags
+    "overflow",  # overflow flags: the inner loops', then the attackers'
+    "attack_losses",  # the attackers' losses, in measuring order (LossValues.attack)
     "at_theta",  # the losses at θ: constraints, then retain
     "g",  # [m] constraint values
     "lam",  # [m] λ: the coefficient of ∇g_i in δ before clipping (pooled over blocks)
@@ -128,6 +134,7 @@ def device_summary(solution: Solution, values: LossValues) -> dict[str, Tensor]:
     summary = {
         "losses": values.losses,
         "overflow": values.overflow,
+        "attack_losses": values.attack,
         "at_theta": values.at_theta,
         "g": values.g,
         "lam": lam,
@@ -180,11 +187,19 @@ def build_stats(
         i += n
     retain_loss = host["losses"][-1] if task.constrained else math.nan
     flags = [f > 0 for f in host["overflow"]]
+    attack_counts = [len(x) for x in state.attack_losses]
+    attack_flags = flags[len(flags) - sum(attack_counts) :] if scaled else []
+    flags = flags[: len(flags) - len(attack_flags)]
     per = len(flags) // len(counts)
     per_flags = [flags[j * per : (j + 1) * per] for j in range(len(counts))]
+    attacks, i = [], 0
+    for n in attack_counts:
+        losses = host["attack_losses"][i : i + n]
+        attacks.append(list(zip(losses, attack_flags[i : i + n] if scaled else [False] * n, strict=True)))
+        i += n
     gg_rows, (rr,) = host["constraint_sq_norms"], host["retain_sq_norm"]
     (scale,), (norm,) = host["clip_scale"], host["update_norm"]
-    skipped = check_measured(task, per_constraint, per_flags, retain_loss, [*gg_rows, rr], scaled)
+    skipped = check_measured(task, per_constraint, per_flags, retain_loss, [*gg_rows, rr], scaled, attacks)
     coefficients = host["coefficients"]
     if not skipped:
         check_update(rule_name, coefficients, scale, norm, acc, max_norm)
@@ -235,6 +250,7 @@ def build_stats(
         skipped=skipped,
         grad_scale=host["grad_scale"][0],
         constraint_names=task.names,
+        attack_losses=tuple(tuple(loss for loss, _ in a) for a in attacks),
         lams=tuple(host["lam"]),
         g_values=tuple(host["g"]),
         forget_losses=tuple(x[0] for x in per_constraint),

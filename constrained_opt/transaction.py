@@ -7,6 +7,9 @@ moment (the flat buffers hold no spare row, so one copy cannot serve both):
 * across the base optimizer's step, θ's copy is in the first constraint row (free after the
   projection), so an exception from the base step or its hooks restores θ at no memory cost.
 
+An input-space adversary (:class:`~constrained_opt.robust.Inversion`) displaces a tensor that the
+closures read; its copy is in the declaration's own buffer, and a rollback puts it back too.
+
 A SIGINT (Ctrl-C) that arrives while state is being changed or restored is held and delivered after.
 """
 
@@ -57,6 +60,7 @@ class StepTransaction:
         self.saved_grads: list[Tensor | None] = [p.grad for p in layout.params]
         self.copy_row: int | None = None
         self.is_displaced = False
+        self.inputs: list[tuple[Tensor, Tensor, bool]] = []  # (input, its copy, its requires_grad)
 
     def __enter__(self) -> StepTransaction:
         return self
@@ -69,6 +73,8 @@ class StepTransaction:
     def _roll_back(self) -> None:
         if self.is_displaced:
             self._restore_theta()
+        while self.inputs:
+            self._restore_input()
         for p, g in zip(self.layout.params, self.saved_grads, strict=True):
             p.grad = g
 
@@ -84,6 +90,30 @@ class StepTransaction:
         for b in self.layout.buckets:
             b.restore_theta(self.copy_row)
         self.is_displaced = False
+
+    @torch.no_grad()
+    def reset_theta(self) -> None:
+        """Put θ back from its copy and leave it displaced (the block may move it again)."""
+        assert self.is_displaced and self.copy_row is not None
+        for b in self.layout.buckets:
+            b.restore_theta(self.copy_row)
+
+    @torch.no_grad()
+    def _restore_input(self) -> None:
+        x, saved, requires_grad = self.inputs[-1]
+        x.copy_(saved)
+        x.requires_grad_(requires_grad)
+        self.inputs.pop()  # last, so an interrupt during the copy still finds it for the rollback
+
+    @contextlib.contextmanager
+    def input_displaced(self, x: Tensor, saved: Tensor) -> Iterator[None]:
+        """``x`` may be changed in place inside the block; its value (copied into ``saved``) and its
+        ``requires_grad`` are put back when the block ends (on an exception, by the rollback)."""
+        with torch.no_grad():
+            saved.copy_(x)
+        self.inputs.append((x, saved, x.requires_grad))
+        yield
+        self._restore_input()
 
     @contextlib.contextmanager
     def displaced(self, row: int) -> Iterator[None]:

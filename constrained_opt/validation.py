@@ -16,8 +16,10 @@ from torch import Tensor
 
 from . import functional as F
 from . import rules as R
+from ._flat import FlatLayout
 from .errors import ClosureError, SettingError, UpdateError
 from .problem import Task
+from .robust import Inversion, Relearn, Robust
 
 Hyperparameter = float | Sequence[float] | Mapping[str, float]
 
@@ -77,6 +79,34 @@ def check_task(task: Task, rule: R.Rule) -> None:
     m = len(task.closures) if task.constrained else task.rows - 1
     if m > F.MAX_CONSTRAINTS:
         raise SettingError(F.too_many_constraints(m))
+
+
+def check_adversaries(task: Task, layout: FlatLayout, scaled: bool, group: Any) -> None:
+    """What the step's robust constraints need from the setup (:mod:`.robust`), before anything moves."""
+    if isinstance(task.retain, Robust):
+        raise SettingError(
+            "the retain closure is a robust declaration; adversaries apply to constraints only: pass "
+            "Relearn/Sharpness/Inversion among the constraints, e.g. step(retain, {'robust': Relearn(...)})"
+        )
+    for closure, label in zip(task.closures, task.labels, strict=True):
+        if isinstance(closure, Relearn) and closure.second_order:
+            reasons = [
+                (scaled, "a GradScaler is in use"),
+                (layout.sharded, "the parameters are sharded"),
+                (group is not None, "the losses are reduced over a process group"),
+            ]
+            reason = next((why for applies, why in reasons if applies), None)
+            if reason is not None:
+                raise SettingError(
+                    f"{label} is Relearn(second_order=True), which differentiates twice in one process "
+                    f"without loss scaling, but {reason}; use the first-order look-ahead "
+                    "(second_order=False) or a single-process fp32/bf16 run"
+                )
+        if isinstance(closure, Inversion) and id(closure.input) in layout.param_ids:
+            raise SettingError(
+                f"{label} is an Inversion over a tensor this optimizer trains; the adversary's input must "
+                "be a tensor outside the optimizer's parameters (e.g. a frozen embedding or a copy of it)"
+            )
 
 
 def step_hyperparameters(
@@ -170,15 +200,30 @@ def check_measured(
     retain_loss: float,
     row_sq: list[float],
     scaled: bool,
+    attacks: list[list[tuple[float, bool]]] | None = None,
 ) -> bool:
     """Check every measured quantity in the order it was computed, so the root cause is reported
-    (a NaN gradient at θ would otherwise surface as a NaN loss at φ^1).
+    (a NaN gradient at θ would otherwise surface as a NaN loss at φ^1). ``attacks``: per constraint,
+    (loss, overflowed) at each step of its adversary's attacker, checked before the constraint.
 
     A non-finite gradient under a GradScaler is an overflow of the scaled backward: the step is
     skipped (returns True). Anything else non-finite raises :class:`ClosureError`.
     """
     checks: list[tuple[bool, bool, str]] = []
-    for label, measured, flags, sq in zip(task.labels, losses, inner_overflow, row_sq, strict=False):
+    attacks = attacks if attacks is not None else [[] for _ in losses]
+    for label, measured, flags, sq, attack in zip(
+        task.labels, losses, inner_overflow, row_sq, attacks, strict=False
+    ):
+        for j, (loss, overflowed) in enumerate(attack):
+            checks.append(
+                (
+                    math.isfinite(loss),
+                    False,
+                    f"the attack of {label} returned a non-finite loss ({loss}) at its step {j}; lower the "
+                    "adversary's step size if its steps diverge",
+                )
+            )
+            checks.append((not overflowed, True, ""))  # recorded with a scaler only: a skip
         checks.append(
             (math.isfinite(measured[0]), False, f"{label} returned a non-finite loss ({measured[0]}) at θ")
         )
