@@ -199,7 +199,7 @@ COMPARISON_TITLES = {
     "comparison_mnist5k": "13. comparison on mnist5k: one seed, bootstrap intervals",
     "sa_tuning": "17. Selective Amnesia's λ swept at 1000 steps: digits, seed 0 (selection)",
     "salun_transferred": "18. SalUn with α·d transferred from CIFAR-10 (α = 0.048): digits, 3 seeds",
-    "sa_tuned": "19. Selective Amnesia at the selected λ, 1000 steps: digits, seeds 1-3",
+    "sa_tuned": "19. Selective Amnesia at the selected λ, 1000 steps: digits, seeds 1 and 2",
     "release_loop": "20. the authors' released EraseDiff loop at K = 1, 2, 4: digits, 3 seeds",
 }
 

@@ -38,7 +38,7 @@ def test_sweep_and_report_items_record_their_seeds_and_budgets():
     for lam in comparison.SA_SWEPT:
         assert f"--variant sa_lam{lam}=sa:lam={lam}" in sweep and f"--budget sa_lam{lam}=1000x128" in sweep
     tuned = dict(comparison.CONFIGS["sa_tuned"], variants=("sa_tuned=sa:lam=0.1",))
-    assert "--seed 1 --seeds 3" in comparison.command("sa_tuned", tuned, "w")
+    assert "--seed 1 --seeds 2" in comparison.command("sa_tuned", tuned, "w")
     salun = comparison.command("salun_transferred", comparison.CONFIGS["salun_transferred"], "w")
     assert "salun:alpha=0.048" in salun  # α·d = 3.072 with d = 64 pixels
 
