@@ -10,6 +10,7 @@ fork, without that hazard.
 from __future__ import annotations
 
 import multiprocessing
+from pathlib import Path
 
 # What the children import, imported once by the server (DDP alone imports torch._dynamo, ~4 s); a
 # module that is not installed is skipped. The same list on every call: the first call in a session
@@ -28,3 +29,18 @@ def context() -> multiprocessing.context.BaseContext:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     return ctx
+
+
+def run_ranks(target, world: int, out: Path, *args, timeout: float = 180) -> None:
+    """``target(rank, store, out, *args)`` in ``world`` forkserver children; each must exit 0 in time."""
+    ctx = context()
+    procs = [ctx.Process(target=target, args=(r, out / "store", str(out), *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert codes == [0] * world, f"worker exit codes {codes}"

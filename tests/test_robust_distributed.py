@@ -90,17 +90,7 @@ def _worker(rank, store, out):
 def ranks(tmp_path_factory):
     """Results of both ranks."""
     out = tmp_path_factory.mktemp("robust_ddp")
-    ctx = mp_context.context()
-    procs = [ctx.Process(target=_worker, args=(r, out / "store", str(out))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert codes == [0] * WORLD, f"worker exit codes {codes}"
+    mp_context.run_ranks(_worker, WORLD, out, timeout=120)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

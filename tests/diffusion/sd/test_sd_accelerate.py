@@ -108,25 +108,10 @@ def _worker(rank, store, out):
     dist.destroy_process_group()
 
 
-def run_ranks(target, out, *args):
-    """``target(rank, store, out, *args)`` in WORLD forkserver children (tests/mp_context.py)."""
-    ctx = mp_context.context()
-    procs = [ctx.Process(target=target, args=(r, out / "store", str(out), *args)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert codes == [0] * WORLD, f"worker exit codes {codes}"
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("accelerate")
-    run_ranks(_worker, out)
+    mp_context.run_ranks(_worker, WORLD, out)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
@@ -304,7 +289,7 @@ def test_sd_loop_on_two_processes_with_micro_batches(tmp_path):
     import sd_tiny
 
     model = sd_tiny.build_pipeline(str(tmp_path / "pipe"))
-    run_ranks(_sd_worker, tmp_path, model, str(tmp_path / "cache"))
+    mp_context.run_ranks(_sd_worker, WORLD, tmp_path, model, str(tmp_path / "cache"))
     finals = [json.loads((tmp_path / f"sd{r}.json").read_text()) for r in range(WORLD)]
     assert finals[0] == finals[1]  # λ, losses, norms: the same averaged step on both ranks
     assert finals[0]["lam"] >= 0 and not finals[0]["skipped"]
