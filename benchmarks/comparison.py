@@ -111,7 +111,7 @@ CONFIGS: dict[str, dict] = {
         data="mnist5k",
         seeds=1,
         methods=("moo", "salun", "sa"),
-        variants=(f"salun_transferred=salun:alpha={SALUN_ALPHA_D / 784:.4g}",),  # d = 28 × 28
+        variants=(),
         published_budgets=False,  # 300 × 64 for every method: CPU time (see docs/results.md)
         budgets=(),
         # CPU time: SA's sample count and its Fisher's timestep sum are cut to 10 per class and every
