@@ -44,3 +44,11 @@ def run_ranks(target, world: int, out: Path, *args, timeout: float = 180) -> Non
         if p.is_alive():
             p.kill()
     assert codes == [0] * world, f"worker exit codes {codes}"
+
+
+def full_params(model) -> dict:
+    """Every parameter of ``model`` whole (an FSDP2 shard gathered with ``full_tensor``), detached."""
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for n, p in model.named_parameters()
+    }

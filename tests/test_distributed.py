@@ -140,10 +140,7 @@ def _worker(rank, store, out):
             fully_shard(model.body[0], mesh=mesh)
             fully_shard(model, mesh=mesh, reshard_after_forward=True)
             stats = train(model, model, K, [rank], m)
-        params = {
-            n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-            for n, p in model.named_parameters()
-        }
+        params = mp_context.full_params(model)
         results[name] = {"params": params, "stats": stats}
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
