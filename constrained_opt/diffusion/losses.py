@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .models import null_class
+from .runtime.errors import UsageError
 
 EpsFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 FORGET_TARGETS = ("rl", "noise")
@@ -32,6 +33,38 @@ class Noised(NamedTuple):
 def unet_eps(unet) -> EpsFn:
     """ε_θ(x_t, t, c) for a class-conditional diffusers ``UNet2DModel``."""
     return lambda x_t, t, c: unet(x_t, t, class_labels=c).sample
+
+
+class RowReplaced(torch.nn.Module):
+    """``table`` with row ``label`` read from ``vector`` (a tensor the caller owns, e.g. an adversary's
+    class embedding); the table is read, never written, so its other rows keep their gradients."""
+
+    def __init__(self, table: torch.nn.Embedding, label: int, vector: Tensor):
+        super().__init__()
+        self.table, self.label, self.vector = table, label, vector
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = self.table(ids)
+        return torch.where((ids == self.label).unsqueeze(-1), self.vector.to(rows), rows)
+
+
+def unet_eps_with_row(unet, label: int, vector: Tensor) -> EpsFn:
+    """ε_θ(x_t, t, c) of a class-conditional ``UNet2DModel`` with the class embedding E[label] replaced
+    by ``vector`` (differentiable in both θ and ``vector``); other classes read their own rows. The
+    UNet's ``class_embedding`` is swapped for the duration of each call only."""
+    table = getattr(unet, "class_embedding", None)
+    if not isinstance(table, torch.nn.Embedding):
+        raise UsageError("the model has no class-embedding table (num_class_embeds): not a class-conditional DDPM")
+    replaced = RowReplaced(table, label, vector)
+
+    def eps(x_t: Tensor, t: Tensor, c: Tensor) -> Tensor:
+        unet.class_embedding = replaced
+        try:
+            return unet(x_t, t, class_labels=c).sample
+        finally:
+            unet.class_embedding = table
+
+    return eps
 
 
 def antithetic_timesteps(n: int, num_timesteps: int, generator: torch.Generator) -> Tensor:

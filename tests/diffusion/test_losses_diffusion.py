@@ -18,8 +18,10 @@ from constrained_opt.diffusion.losses import (
     saliency_mask,
     timestep_summed_fisher,
     unet_eps,
+    unet_eps_with_row,
 )
 from constrained_opt.diffusion.models import build_unet
+from constrained_opt.diffusion.runtime.errors import UsageError
 from constrained_opt.diffusion.sampling import make_scheduler
 
 
@@ -249,3 +251,29 @@ def test_ewc_penalty_is_the_fisher_weighted_squared_distance():
     assert ewc_penalty({"w": anchor["w"].clone()}, anchor, fisher).item() == 0.0
     value = ewc_penalty({"w": torch.tensor([2.0, 0.0])}, anchor, fisher)
     assert value.item() == pytest.approx(0.5 * 1 + 3.0 * 4)
+
+
+def test_unet_eps_with_row_reads_the_vector_for_its_class_only(unet):
+    """Rows of class 3 are conditioned on the vector (E[3] itself gives ε_θ exactly, another vector
+    changes only those rows); gradients reach both the vector and θ; the table is put back."""
+    g = torch.Generator().manual_seed(2)
+    x_t, t = torch.randn((4, 1, 8, 8), generator=g), torch.tensor([5, 50, 500, 900])
+    c = torch.tensor([3, 1, 3, 2])
+    table = unet.class_embedding
+    same = unet_eps_with_row(unet, 3, table.weight[3].detach().clone())(x_t, t, c)
+    torch.testing.assert_close(same, unet_eps(unet)(x_t, t, c), rtol=0, atol=0)
+    vector = torch.randn(table.embedding_dim, generator=g, requires_grad=True)
+    out = unet_eps_with_row(unet, 3, vector)(x_t, t, c)
+    assert unet.class_embedding is table
+    base = unet_eps(unet)(x_t, t, c)
+    torch.testing.assert_close(out[[1, 3]], base[[1, 3]], rtol=0, atol=0)
+    assert (out[[0, 2]] - base[[0, 2]]).abs().max() > 1e-4
+    out.square().sum().backward()
+    assert vector.grad is not None and vector.grad.abs().sum() > 0
+    assert table.weight.grad[3].abs().sum() == 0 and table.weight.grad[1].abs().sum() > 0
+    unet.zero_grad(set_to_none=True)
+
+
+def test_unet_eps_with_row_needs_a_class_table():
+    with pytest.raises(UsageError, match="class-embedding table"):
+        unet_eps_with_row(torch.nn.Module(), 0, torch.zeros(4))
