@@ -54,7 +54,9 @@ def unet_eps_with_row(unet, label: int, vector: Tensor) -> EpsFn:
     UNet's ``class_embedding`` is swapped for the duration of each call only."""
     table = getattr(unet, "class_embedding", None)
     if not isinstance(table, torch.nn.Embedding):
-        raise UsageError("the model has no class-embedding table (num_class_embeds): not a class-conditional DDPM")
+        raise UsageError(
+            "the model has no class-embedding table (num_class_embeds): not a class-conditional DDPM"
+        )
     replaced = RowReplaced(table, label, vector)
 
     def eps(x_t: Tensor, t: Tensor, c: Tensor) -> Tensor:
