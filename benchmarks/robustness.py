@@ -49,6 +49,8 @@ DISPLAY = {
     "sa": "Selective Amnesia",
     "neggrad": "NegGrad",
     "finetune": "Finetune",
+    "meta_unlearning": "Meta-Unlearning",
+    "advunlearn": "AdvUnlearn",
 }
 # (figure key in the flat per-run record, column title)
 FIGURES = (

@@ -53,7 +53,8 @@ def plan_runs(
     (one for a method or variant that is not run is an error, not silently ignored). ``forget_target``
     applies to every run whose method takes one, unless set explicitly. Budgets: ``steps`` ×
     ``batch_size`` for all, or (``published``) each method's published one
-    (:data:`~.baselines.PUBLISHED`); ``budgets`` items ``LABEL=STEPSxBATCH`` override either.
+    (:data:`~.baselines.PUBLISHED`; a method without one at ``steps`` × ``batch_size``); ``budgets``
+    items ``LABEL=STEPSxBATCH`` override either.
     """
     specs: dict[str, tuple[str, list[str]]] = {}
     for name in ("erasediff", *methods):
@@ -91,7 +92,7 @@ def plan_runs(
         takes_target = "forget_target" in METHODS[method].Hyper.__dataclass_fields__
         if takes_target and not any(p.startswith("forget_target=") for p in pairs):
             pairs = [f"forget_target={forget_target}", *pairs]
-        budget = PUBLISHED[method] if published else (steps, batch_size)
+        budget = PUBLISHED.get(method, (steps, batch_size)) if published else (steps, batch_size)
         if label in overrides:
             budget = parse_budget(overrides[label])
         runs.append(Run(label, method, parse_hparams(method, pairs), *budget))

@@ -39,7 +39,8 @@ class DemoOptions:
         BASELINES,
         "--methods",
         "comma-separated runs beside EraseDiff (finetune, neggrad, moo, moo_matched, salun, sa, "
-        "erasediff_shared_adam, erasediff_release), or 'none' (default: finetune,neggrad,moo,salun,sa)",
+        "erasediff_shared_adam, erasediff_release, meta_unlearning, advunlearn), or 'none' "
+        "(default: finetune,neggrad,moo,salun,sa)",
         comma_list=True,
     )
     variants: tuple[str, ...] = option(
@@ -54,7 +55,8 @@ class DemoOptions:
     published_budgets: bool = option(
         False,
         "--published-budgets",
-        "each method at its published steps × batch (EraseDiff 300×128, SalUn 1000×128, SA 20000×128)",
+        "each method at its published steps × batch (EraseDiff 300×128, SalUn 1000×128, SA 20000×128; "
+        "methods with no DDPM budget, meta_unlearning and advunlearn, at --steps × --batch-size)",
     )
     budgets: tuple[str, ...] = option(
         (),

@@ -6,10 +6,12 @@ import dataclasses
 from typing import Any
 
 from ..runtime.errors import UsageError
+from .advunlearn import AdvUnlearn
 from .base import Method, Setup
 from .erasediff import EraseDiff, EraseDiffPerClass, EraseDiffSharedAdam
 from .erasediff_release import EraseDiffRelease
 from .finetune import Finetune
+from .meta_unlearning import MetaUnlearning
 from .moo import Moo
 from .neggrad import NegGrad
 from .sa import SelectiveAmnesia
@@ -20,7 +22,10 @@ from .salun import SalUn
 # (configs/cifar10_saliency_unlearn.yml: n_iters 1000, batch_size 128); SA's
 # (configs/cifar10_forget.yml: n_iters 20000, batch_size 128); EraseDiff's released loop
 # (JingWu321/EraseDiff ddpm/main.py: unl_eps 4 × S_steps 2 phases of ⌊rem_num 4500 / 128⌋ + 1 = 36
-# outer steps, train_batch_size 128).
+# outer steps, train_batch_size 128). Not here (their releases erase prompts from Stable Diffusion and
+# give no DDPM/class budget, so they run at the demo's --steps × --batch-size, 300 × 64 by default):
+# meta_unlearning (sail-sg/Meta-Unlearning scripts/esd_meta.sh: 1500 steps × 10 SD samples) and
+# advunlearn (OPTML-Group/AdvUnlearn train-scripts/AdvUnlearn.py: 1000 iterations, one prompt each).
 PUBLISHED: dict[str, tuple[int, int]] = {
     "erasediff": (300, 128),
     "erasediff_shared_adam": (300, 128),
@@ -44,6 +49,8 @@ METHODS: dict[str, type[Method]] = {
         SelectiveAmnesia,
         EraseDiffSharedAdam,
         EraseDiffRelease,
+        MetaUnlearning,
+        AdvUnlearn,
     )
 }
 BASELINES = ("finetune", "neggrad", "moo", "salun", "sa")  # the demo's default comparison
