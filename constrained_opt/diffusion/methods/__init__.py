@@ -35,4 +35,10 @@ the update norm at 1.0 as in the authors' DDPM code:
   λ = 10, shared antithetic t; F = SA's Fisher (:func:`~.losses.timestep_summed_fisher`) over the
   generated samples of every class; replay = the remembered classes' samples. Samples per class:
   10% of the training images per class (SA: 500 of CIFAR-10's 5000).
+- ``meta_unlearning``: Meta-Unlearning's ESD meta step (sail-sg/Meta-Unlearning ``src/esd_meta.py``):
+  δ = ∇L_f(θ) + ∇L_r(θ) + ∇ℓ_tgt(θ) − [∇L_denoise(D_f; θ′) + ∇ℓ_tgt(θ′) + ∇L_r(θ′)], θ′ a copy
+  after 3 AdamW fine-tuning steps on D_f, ℓ_tgt the denoising loss on the related retained class,
+  every γ = 1; outer AdamW, weight decay 1e-4.
+- ``advunlearn``: AdvUnlearn (OPTML-Group/AdvUnlearn): L_f(θ, c*) + 0.3·L_r, c* = 30 Adam steps (lr
+  1e-3) on c_f's class-embedding row against the forget images' denoising loss, after 200 warmup steps.
 """
