@@ -252,6 +252,7 @@ def test_advunlearn_several_forget_classes_each_get_their_vector():
     m.prepare(images(RETAIN, 0), images([0, 3] * 4, 1))
     stats = m.step(batch(images(RETAIN, 0)), batch(images([0, 3] * 4, 1), 8))
     assert set(m.vectors) == {0, 3} and stats["attacked"] == 1.0
+    assert m.step(batch(images(RETAIN, 0)), batch(images([0] * 4, 1)))["attacked"] == 1.0  # no row of 3
 
 
 # ------------------------------------------------------------------------------------ both: harness, CLI

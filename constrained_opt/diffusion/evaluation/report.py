@@ -47,6 +47,8 @@ DISPLAY = {
     "moo": "MOO (scalarised Eq. 3)",
     "salun": "SalUn",
     "sa": "Selective Amnesia (SA)",
+    "meta_unlearning": "Meta-Unlearning",
+    "advunlearn": "AdvUnlearn",
     "sa_tuned": "SA, λ tuned (sa_tuning's choice)",
     "salun_transferred": "SalUn, α·d transferred (α = 3.072/d)",
     **{f"sa_lam{lam}": f"SA, λ = {lam}" for lam in (10, 1, 0.3, 0.1, 0.03, 0.01)},

@@ -100,6 +100,8 @@ class AdvUnlearn(Method):
         """Mean over the batch of ‖ε_θ(x_t | c ↦ v_c) − target‖², each class's rows with its own vector."""
         total = b.x_t.new_zeros(())
         for c, rows in zip(self.classes, class_rows(b.cond, self.classes).values(), strict=True):
+            if len(rows) == 0:
+                continue
             pred = unet_eps_with_row(self.s.unet, c, vectors[c])(b.x_t[rows], b.t[rows], b.cond[rows])
             total = total + F.mse_loss(pred, target[rows], reduction="sum")
         return total / target.numel()
@@ -120,7 +122,8 @@ class AdvUnlearn(Method):
             for _ in range(hp.attack_steps):
                 b = self.diffuse(forget)
                 loss = self.replaced_loss(b, vectors, b.noise)
-                grads = torch.autograd.grad(loss, list(vectors.values()))
+                # a class with no row in the batch gets a zero gradient, which leaves its vector as it is
+                grads = torch.autograd.grad(loss, list(vectors.values()), materialize_grads=True)
                 for v, g in zip(vectors.values(), grads, strict=True):
                     v.grad = g.sign() if hp.attack_method == "fast_at" else g
                 opt.step()
