@@ -29,7 +29,9 @@ def batches(n: int = 4, forget_class: int = 0):
 
 def method(name: str = "erasediff", forget_class=0, unet=None, **hp):
     setup = Setup(unet or tiny_unet(), 10, forget_class, 1e-3, torch.Generator().manual_seed(0), 4)
-    return make_method(name, setup, {"inner_steps": 0, **FAST, **hp} if name == "erasediff" else {**FAST, **hp})
+    return make_method(
+        name, setup, {"inner_steps": 0, **FAST, **hp} if name == "erasediff" else {**FAST, **hp}
+    )
 
 
 def flat(unet) -> torch.Tensor:
@@ -159,5 +161,7 @@ def test_variant_with_two_forms_plans_and_demo_robust_adds_rows():
     assert by["erasediff_sharpness"].hparams["robust"] == "sharpness"
     assert by["erasediff_sharpness"].hparams["sharpness_rho"] == 0.2
     assert "robust" not in by["erasediff"].hparams
+    (run,) = plan_runs((), hp=("erasediff.robust=relearn", "erasediff.keep_plain=false"))
+    assert run.hparams["robust"] == "relearn" and run.hparams["keep_plain"] is False
     with pytest.raises(UsageError, match="relearn, sharpness, inversion"):
         plan_runs((), robust=("ssam",))

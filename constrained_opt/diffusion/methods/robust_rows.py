@@ -100,10 +100,14 @@ class RobustRows:
             self.embedding = table.weight[forget_class].detach().clone()
 
     def constraints(self, eps, bf: Noised, target: torch.Tensor) -> Any:
-        from constrained_opt import Inversion, Relearn, Sharpness
+        """The step's constraint closure(s) for forget batch ``bf`` and substitute noise ``target``."""
+        from constrained_opt import Relearn, Sharpness
 
         def plain() -> torch.Tensor:
             return forget_loss(eps, bf, target)
+
+        def relearning() -> torch.Tensor:
+            return denoising_loss(eps, bf)
 
         if not self.forms:
             return plain
@@ -111,24 +115,28 @@ class RobustRows:
         rows: dict[str, Any] = {"forget": plain} if hp.keep_plain else {}
         for form in self.forms:
             if form == "relearn":
-                rows[form] = Relearn(
-                    plain, attack=lambda: denoising_loss(eps, bf), steps=hp.relearn_steps, lr=hp.relearn_lr
-                )
+                rows[form] = Relearn(plain, attack=relearning, steps=hp.relearn_steps, lr=hp.relearn_lr)
             elif form == "sharpness":
-                attack = (lambda: -denoising_loss(eps, bf)) if hp.sharpness_attack == "relearn" else None
+                attack = (lambda: -relearning()) if hp.sharpness_attack == "relearn" else None
                 rows[form] = Sharpness(plain, rho=hp.sharpness_rho, attack=attack)
             else:
-                x = self.embedding
-                with torch.no_grad():
-                    x.copy_(self.unet.class_embedding.weight[self.label])
-                eps_x = unet_eps_with_row(self.unet, self.label, x)
-                rows[form] = Inversion(
-                    lambda: forget_loss(eps_x, bf, target),
-                    input=x,
-                    steps=hp.inversion_steps,
-                    lr=hp.inversion_lr,
-                    eps=hp.inversion_eps or None,
-                    norm=2,
-                    attack=lambda: -denoising_loss(eps_x, bf),
-                )
+                rows[form] = self.inversion(bf, target)
         return rows
+
+    def inversion(self, bf: Noised, target: torch.Tensor):
+        """The Inversion row over e, reset to E[c_f]: L_a = −L_train(θ, e), L_c = L_f(θ, e)."""
+        from constrained_opt import Inversion
+
+        x, hp = self.embedding, self.hp
+        with torch.no_grad():
+            x.copy_(self.unet.class_embedding.weight[self.label])
+        eps_x = unet_eps_with_row(self.unet, self.label, x)
+        return Inversion(
+            lambda: forget_loss(eps_x, bf, target),
+            input=x,
+            steps=hp.inversion_steps,
+            lr=hp.inversion_lr,
+            eps=hp.inversion_eps or None,
+            norm=2,
+            attack=lambda: -denoising_loss(eps_x, bf),
+        )
