@@ -80,8 +80,9 @@ class EraseDiff(Method):
 
 
 def per_row(stats) -> dict[str, float]:
-    """Each constraint row's λ and loss at θ (``lam_<name>``, ``forget_loss_<name>``), and for a row with
-    an adversary its attacker's loss at the last point it visited (``attack_loss_<name>``)."""
+    """Each constraint row's λ and loss (``lam_<name>``, ``forget_loss_<name>``; a robust row's loss at its
+    adversary's point), and for a row with an adversary its attacker's loss at the last point it visited
+    (``attack_loss_<name>``)."""
     out = {}
     rows = zip(stats.constraint_names, stats.lams, stats.forget_losses, stats.attack_losses, strict=True)
     for name, lam, loss, attack in rows:
