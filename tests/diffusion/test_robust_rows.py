@@ -8,6 +8,7 @@ import torch
 from constrained_opt.diffusion.jobs.comparison import plan_runs
 from constrained_opt.diffusion.methods.base import Setup
 from constrained_opt.diffusion.methods.registry import make_method, parse_hparams
+from constrained_opt.diffusion.methods.robust_rows import RobustHyper
 from constrained_opt.diffusion.runtime.errors import UsageError
 
 FAST = dict(relearn_lr=0.1, sharpness_rho=0.05, inversion_steps=2, inversion_lr=0.1)
@@ -165,3 +166,24 @@ def test_variant_with_two_forms_plans_and_demo_robust_adds_rows():
     assert run.hparams["robust"] == "relearn" and run.hparams["keep_plain"] is False
     with pytest.raises(UsageError, match="relearn, sharpness, inversion"):
         plan_runs((), robust=("ssam",))
+
+
+def test_a_run_made_before_the_robust_settings_still_resumes():
+    import dataclasses
+
+    from constrained_opt.diffusion.methods.erasediff import BilevelHyper
+    from constrained_opt.diffusion.runtime.resume import check_resume, run_config
+
+    defaults = dataclasses.asdict(BilevelHyper())
+    old = {k: v for k, v in defaults.items() if k not in dataclasses.asdict(RobustHyper())}
+    old["max_grad_norm"] = defaults["max_grad_norm"]
+    saved = run_config("erasediff", 0, 10, 4, 1e-4, 0, old)
+    assert (
+        check_resume("ckpt", saved, run_config("erasediff", 0, 10, 4, 1e-4, 0, defaults), 5, "", defaults)
+        is None
+    )
+    robust = {**defaults, "robust": "relearn"}
+    with pytest.raises(UsageError, match="robust"):
+        check_resume("ckpt", saved, run_config("erasediff", 0, 10, 4, 1e-4, 0, robust), 5, "", defaults)
+    with pytest.raises(UsageError, match="robust"):  # without the defaults, as before: any new key differs
+        check_resume("ckpt", saved, run_config("erasediff", 0, 10, 4, 1e-4, 0, defaults), 5)
