@@ -6,10 +6,23 @@ import argparse
 
 from ..evaluation.multiclass import class_list
 from ..methods.registry import METHODS
+from ..methods.robust_rows import ROBUST_FORMS
 from . import sd
 from .args import COUNT, POSITIVE, SEED
 from .options import add_eval, eval_settings, shipped_default
 from .parser import add_command, add_common, list_choices
+
+ROBUST_METHODS = ("erasediff", "moo")
+
+
+def robust_forms(text: str) -> str:
+    """``relearn,sharpness`` → ``relearn+sharpness`` (the ``robust`` hyperparameter), checked."""
+    forms = text.split(",")
+    if any(f not in ROBUST_FORMS for f in forms) or len(set(forms)) != len(forms):
+        raise argparse.ArgumentTypeError(
+            f"expected forms among {', '.join(ROBUST_FORMS)} separated by commas, each once; got {text!r}"
+        )
+    return "+".join(forms)
 
 
 def register(subparsers) -> None:
@@ -33,6 +46,13 @@ def register_ddpm(targets) -> None:
         "--per-class-constraints",
         action="store_true",
         help="erasediff with several forget classes: one constraint per class instead of one pooled",
+    )
+    p.add_argument(
+        "--robust",
+        type=robust_forms,
+        metavar="FORMS",
+        help="erasediff/moo: robust forget rows beside the plain one, among relearn, sharpness, inversion "
+        "(comma-separated; the same as --hp robust=relearn+sharpness; docs/ddpm.md)",
     )
     p.add_argument("--data", default="digits", help="digits | mnist5k | cifar10:PATH | imagefolder:PATH")
     p.add_argument("--checkpoint", help="base UNet checkpoint (default for digits: the shipped one)")
@@ -77,7 +97,16 @@ def run_ddpm(args: argparse.Namespace) -> None:
                 f"(got --method {args.method} --forget-class {','.join(map(str, classes))})"
             )
         method = "erasediff_per_class"
-    pairs = [*args.hp, *([f"forget_target={args.forget_target}"] if args.forget_target else [])]
+    if args.robust and (args.method not in ROBUST_METHODS or args.per_class_constraints):
+        raise UsageError(
+            f"--robust needs --method {' or '.join(ROBUST_METHODS)} without --per-class-constraints "
+            f"(got --method {args.method}{' --per-class-constraints' if args.per_class_constraints else ''})"
+        )
+    pairs = [
+        *args.hp,
+        *([f"forget_target={args.forget_target}"] if args.forget_target else []),
+        *([f"robust={args.robust}"] if args.robust else []),
+    ]
     hparams = parse_hparams(args.method, pairs)
     checkpoint = shipped_default(args, "checkpoint", "unet", "the base model")
     classifier = (

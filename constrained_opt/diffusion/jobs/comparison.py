@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..methods.registry import METHODS, PUBLISHED, parse_hparams
+from ..methods.robust_rows import ROBUST_FORMS
 from ..runtime.errors import UsageError
 
 MATCHED = "moo_matched"  # MOO with w = the mean λ of EraseDiff's run on the same seed
@@ -45,6 +46,7 @@ def plan_runs(
     batch_size: int = 64,
     published: bool = False,
     budgets: tuple[str, ...] = (),
+    robust: tuple[str, ...] = (),
 ) -> list[Run]:
     """EraseDiff first, then ``methods`` (names of :data:`~.baselines.METHODS`, or ``moo_matched``),
     then ``variants`` (``LABEL=METHOD[:KEY=VALUE,...]``).
@@ -55,12 +57,21 @@ def plan_runs(
     ``batch_size`` for all, or (``published``) each method's published one
     (:data:`~.baselines.PUBLISHED`; a method without one at ``steps`` × ``batch_size``); ``budgets``
     items ``LABEL=STEPSxBATCH`` override either.
+    ``robust`` forms (relearn, sharpness, inversion) each add the run ``erasediff_<form>``, EraseDiff
+    with that robust row beside the plain one (``erasediff:robust=<form>``), planned before ``variants``.
     """
     specs: dict[str, tuple[str, list[str]]] = {}
     for name in ("erasediff", *methods):
         if name not in METHODS and name != MATCHED:
             raise UsageError(f"unknown method {name!r}; expected some of {', '.join([*METHODS, MATCHED])}")
         specs[name] = ("moo" if name == MATCHED else name, [])
+    for form in robust:
+        if form not in ROBUST_FORMS or f"erasediff_{form}" in specs:
+            raise UsageError(
+                f"--robust expects forms among {', '.join(ROBUST_FORMS)} separated by commas, each once; "
+                f"got {form!r}"
+            )
+        specs[f"erasediff_{form}"] = ("erasediff", [f"robust={form}"])
     for item in variants:
         label, eq, rest = item.partition("=")
         method, _, pairs = rest.partition(":")

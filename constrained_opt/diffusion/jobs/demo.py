@@ -66,6 +66,7 @@ def demo(options: DemoOptions | None = None, /, **fields) -> dict[str, dict]:
         batch_size=o.batch_size,
         published=o.published_budgets,
         budgets=o.budgets,
+        robust=o.robust,
     )
     cache = cache_dir(o.cache)
     if o.train and (o.checkpoint or o.classifier):

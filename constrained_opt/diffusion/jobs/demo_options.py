@@ -50,6 +50,13 @@ class DemoOptions:
         repeatable=True,
         metavar="LABEL=METHOD[:KEY=VALUE,...]",
     )
+    robust: tuple[str, ...] = option(
+        (),
+        "--robust",
+        "comma-separated robust forms (relearn, sharpness, inversion): one more EraseDiff run per form, "
+        "erasediff_<form>, with that robust forget row beside the plain one (docs/ddpm.md)",
+        comma_list=True,
+    )
     steps: int = option(300, "--steps", "unlearning steps per method (default %(default)s)", kind="count")
     batch_size: int = option(64, "--batch-size", "retain and forget batch size", kind="count")
     published_budgets: bool = option(

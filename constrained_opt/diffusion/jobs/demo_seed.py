@@ -16,6 +16,7 @@ from ..data import ImageData, split_forget
 from ..evaluation.generated import EvalSettings, generate
 from ..evaluation.metrics import bootstrap_ci95, metrics_from_scores, score_samples
 from ..evaluation.report import save_cosine_plot, save_sample_grid
+from ..methods.registry import method_class
 from ..models import save_unet
 from ..runtime.errors import EvaluationError
 from ..runtime.io import load_state, read_json, save_state, write_json
@@ -109,6 +110,11 @@ def seed_dir(out: str, seed: int, n_seeds: int) -> str:
     return out if n_seeds == 1 else os.path.join(out, f"seed{seed}")
 
 
+def hp_defaults(run: Run) -> dict:
+    """The default hyperparameters of ``run``'s method (for :func:`~..runtime.resume.check_resume`)."""
+    return asdict(method_class(run.method).Hyper())
+
+
 def check_done_rows(ctx: DemoContext, seeds: range, out: str) -> None:
     """Before anything runs: every finished row that ``--resume`` would reuse was made with this
     configuration (a MATCHED row, whose weight comes from EraseDiff's run, is checked when reused)."""
@@ -118,9 +124,8 @@ def check_done_rows(ctx: DemoContext, seeds: range, out: str) -> None:
             done = os.path.join(state_dir, f"{run.label}.json")
             if run.label != MATCHED and os.path.isfile(done):
                 stored = read_json(done).get("config")
-                check_resume(
-                    done, stored, run_job(ctx, run, seed, dict(run.hparams))[1], hp_prefix=f"{run.label}."
-                )
+                config = run_job(ctx, run, seed, dict(run.hparams))[1]
+                check_resume(done, stored, config, hp_prefix=f"{run.label}.", hp_defaults=hp_defaults(run))
 
 
 def run_seed(ctx: DemoContext, seed: int, out: str) -> tuple[dict[str, dict], dict[str, list]]:
@@ -141,7 +146,9 @@ def run_seed(ctx: DemoContext, seed: int, out: str) -> tuple[dict[str, dict], di
         job, config = run_job(ctx, run, seed, hparams)
         if ctx.resume and os.path.isfile(done):
             record = read_json(done)
-            check_resume(done, record.get("config"), config, hp_prefix=f"{run.label}.")
+            check_resume(
+                done, record.get("config"), config, hp_prefix=f"{run.label}.", hp_defaults=hp_defaults(run)
+            )
             print(f"{run.label} (seed {seed}): done in a previous run, reusing {done}", flush=True)
         else:
             ckpt = os.path.join(state_dir, f"{run.label}.checkpoint.safetensors")

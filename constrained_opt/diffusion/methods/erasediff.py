@@ -11,13 +11,14 @@ import torch
 from ..evaluation.multiclass import as_classes, class_rows
 from ..losses import denoising_loss, forget_loss, forget_target
 from ..runtime.errors import UsageError
-from .base import Hyper, Method, check_forget_target
+from .base import Method, check_forget_target
+from .robust_rows import RobustHyper, RobustRows
 
 KKT_RULES = ("grad_norm", "value", "cosine")  # the rules whose only hyperparameter is η
 
 
 @dataclass
-class BilevelHyper(Hyper):
+class BilevelHyper(RobustHyper):
     forget_target: str = "rl"
     rule: str = "grad_norm"
     eta: float = 1.0
@@ -40,6 +41,10 @@ class EraseDiff(Method):
 
     name = "erasediff"
     Hyper = BilevelHyper
+
+    def __init__(self, setup, **hp):
+        super().__init__(setup, **hp)
+        self.rows = RobustRows(self.s.unet, self.hp, self.s.forget_class)
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         return dict(
@@ -64,11 +69,27 @@ class EraseDiff(Method):
         return self.record(stats)
 
     def record(self, stats) -> dict[str, float]:
-        return {k: v for k, v in stats.as_dict().items() if isinstance(v, float)}
+        """The step's scalar figures; with robust rows also each row's (:func:`per_row`)."""
+        out = {k: v for k, v in stats.as_dict().items() if isinstance(v, float)}
+        return {**out, **per_row(stats)} if self.rows.forms else out
 
     def constraints(self, bf, target):
-        """One constraint on the whole (pooled) forget batch."""
-        return lambda: forget_loss(self.eps, bf, target)
+        """One constraint on the whole (pooled) forget batch, or with ``robust`` its robust rows
+        (:class:`~.robust_rows.RobustRows`)."""
+        return self.rows.constraints(self.eps, bf, target)
+
+
+def per_row(stats) -> dict[str, float]:
+    """Each constraint row's λ and loss (``lam_<name>``, ``forget_loss_<name>``; a robust row's loss at its
+    adversary's point), and for a row with an adversary its attacker's loss at the last point it visited
+    (``attack_loss_<name>``)."""
+    out = {}
+    rows = zip(stats.constraint_names, stats.lams, stats.forget_losses, stats.attack_losses, strict=True)
+    for name, lam, loss, attack in rows:
+        out[f"lam_{name}"], out[f"forget_loss_{name}"] = lam, loss
+        if attack:
+            out[f"attack_loss_{name}"] = attack[-1]
+    return out
 
 
 class EraseDiffPerClass(EraseDiff):
@@ -76,6 +97,14 @@ class EraseDiffPerClass(EraseDiff):
     the stratified forget batch form their own closure, ``{"class_<c>": L_f(θ; rows of c)}``."""
 
     name = "erasediff_per_class"
+
+    def __init__(self, setup, **hp):
+        super().__init__(setup, **hp)
+        if self.rows.forms:
+            raise UsageError(
+                "robust rows are for erasediff's pooled constraint (and moo); erasediff_per_class "
+                "(--per-class-constraints) has none: drop robust= or the per-class constraints"
+            )
 
     def constraints(self, bf, target):
         def closure(rows):
@@ -88,10 +117,7 @@ class EraseDiffPerClass(EraseDiff):
 
     def record(self, stats):
         """The pooled figures, plus each class's λ and forget loss (``lam_class_<c>``, ...)."""
-        out = super().record(stats)
-        for name, lam, loss in zip(stats.constraint_names, stats.lams, stats.forget_losses, strict=True):
-            out[f"lam_{name}"], out[f"forget_loss_{name}"] = lam, loss
-        return out
+        return {**super().record(stats), **per_row(stats)}
 
 
 class EraseDiffSharedAdam(Method):
@@ -110,6 +136,8 @@ class EraseDiffSharedAdam(Method):
         super().__init__(setup, **hp)
         if self.hp.rule != "grad_norm":
             raise UsageError("erasediff_shared_adam implements the grad_norm rule only")
+        if self.hp.robust:
+            raise UsageError("erasediff_shared_adam has no robust rows; use erasediff or moo with robust=")
 
     def step(self, retain, forget):
         from constrained_opt import kkt_direction

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Hyper, check_forget_target
+from .base import check_forget_target
 from .erasediff import EraseDiff
+from .robust_rows import RobustHyper
 
 
 @dataclass
-class MooHyper(Hyper):
+class MooHyper(RobustHyper):
     forget_target: str = "rl"
     forget_weight: float = 1.0
 
@@ -19,7 +20,8 @@ class MooHyper(Hyper):
 
 
 class Moo(EraseDiff):
-    """Eq. 3: min L_r + w·L_f, the same closures as EraseDiff through ``rule="scalarized"``, K = 0."""
+    """Eq. 3: min L_r + w·L_f, the same closures as EraseDiff through ``rule="scalarized"``, K = 0; with
+    robust rows, δ = ∇L_r + w·Σ_i ∇L_f,i over the rows (each row weighted by ``forget_weight``)."""
 
     name = "moo"
     Hyper = MooHyper

@@ -68,13 +68,23 @@ def parse_hparams(method: str, pairs: list[str]) -> dict[str, Any]:
             raise UsageError(f"bad hyperparameter {pair!r} for {method}; known: {', '.join(fields)}")
         kind = type(fields[key].default)
         try:
-            out[key] = kind(value)
+            out[key] = parse_bool(value) if kind is bool else kind(value)
         except ValueError:
             raise UsageError(
-                f"hyperparameter {key} of {method} needs a {kind.__name__}, got {value!r}"
+                f"hyperparameter {key} of {method} needs a {kind.__name__}"
+                f"{' (true, false, 1 or 0)' if kind is bool else ''}, got {value!r}"
             ) from None
     METHODS[method].Hyper(**out)  # range checks
     return out
+
+
+def parse_bool(text: str) -> bool:
+    """``true``/``1`` → True, ``false``/``0`` → False (any case); anything else raises ValueError (``bool``
+    would read every non-empty text, "false" included, as True)."""
+    value = {"true": True, "1": True, "false": False, "0": False}.get(text.strip().lower())
+    if value is None:
+        raise ValueError(f"not a bool: {text!r}")
+    return value
 
 
 # Variants chosen by a flag rather than by --method (they take the hyperparameters of the method named).

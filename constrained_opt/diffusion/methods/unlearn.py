@@ -119,7 +119,8 @@ def unlearn(
         if resume and checkpoint and os.path.exists(checkpoint):
             state = load_state(checkpoint)
             with restoring(checkpoint):
-                note = check_resume(checkpoint, state.get("config"), config, int(state["step"]))
+                defaults = dataclasses.asdict(type(m.hp)())
+                note = check_resume(checkpoint, state.get("config"), config, int(state["step"]), "", defaults)
                 if note:
                     print(note, flush=True)
                 unet.load_state_dict(state["model"])

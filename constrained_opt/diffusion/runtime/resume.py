@@ -72,13 +72,20 @@ def run_config(
 
 
 def check_resume(
-    where: str, saved: dict | None, current: dict, done: int | None = None, hp_prefix: str = ""
+    where: str,
+    saved: dict | None,
+    current: dict,
+    done: int | None = None,
+    hp_prefix: str = "",
+    hp_defaults: dict[str, Any] | None = None,
 ) -> str | None:
     """Refuse to resume ``where`` unless ``saved`` (its stored configuration) matches ``current``.
 
     ``done``: steps already taken by an interrupted run, which may then continue to more ``steps``
     (the note returned says so); ``None`` for a finished result, where ``steps`` must match.
-    ``hp_prefix`` is how ``--hp`` names the method (``"erasediff."`` in the demo).
+    ``hp_prefix`` is how ``--hp`` names the method (``"erasediff."`` in the demo). ``hp_defaults``: the
+    method's default hyperparameters; one that ``saved`` lacks (added since that run was made, e.g.
+    ``robust``) matches when it is at its default now, the behaviour of the version that made it.
     """
     if not isinstance(saved, dict):
         raise UsageError(
@@ -90,6 +97,8 @@ def check_resume(
     keys = [
         k for k in dict.fromkeys([*flat_saved, *flat_current]) if flat_saved.get(k) != flat_current.get(k)
     ]
+    defaults = _flatten({"hparams": json.loads(json.dumps(hp_defaults or {}))})
+    keys = [k for k in keys if k in flat_saved or k not in defaults or flat_current.get(k) != defaults[k]]
     if "method" in keys:  # another method's hyperparameters are not comparable
         keys = [k for k in keys if not k.startswith("hparams.")]
     note = None

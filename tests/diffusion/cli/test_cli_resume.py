@@ -155,7 +155,19 @@ def test_reports_show_no_fake_zeros_and_record_every_hyperparameter(base, tmp_pa
     metrics = json.loads((out / "metrics.json").read_text())
     assert not {"time_s", "prep_s", "peak_mem_mb"} & metrics["base"].keys()
     assert metrics["erasediff"]["time_s"] > 0
+    robust = {  # the robust rows' settings (docs/ddpm.md, "Robust rows"): none by default
+        "robust": "",
+        "keep_plain": True,
+        "relearn_steps": 1,
+        "relearn_lr": 0.3,
+        "sharpness_rho": 0.5,
+        "sharpness_attack": "constraint",
+        "inversion_steps": 3,
+        "inversion_lr": 0.5,
+        "inversion_eps": 0.0,
+    }
     assert metrics["erasediff"]["hparams"] == {
+        **robust,
         "max_grad_norm": 1.0,
         "forget_target": "rl",
         "rule": "grad_norm",
@@ -163,7 +175,12 @@ def test_reports_show_no_fake_zeros_and_record_every_hyperparameter(base, tmp_pa
         "inner_steps": 1,
         "inner_lr": 1e-4,
     }
-    assert metrics["moo"]["hparams"] == {"max_grad_norm": 1.0, "forget_target": "rl", "forget_weight": 1.0}
+    assert metrics["moo"]["hparams"] == {
+        **robust,
+        "max_grad_norm": 1.0,
+        "forget_target": "rl",
+        "forget_weight": 1.0,
+    }
     for name in ("table.md", "report.md"):
         text = (out / name).read_text()
         base_row = next(line for line in text.splitlines() if line.startswith("| Unscrubbed (base)"))

@@ -1,0 +1,142 @@
+"""Robust forget rows for the DDPM methods (EraseDiff, MOO): the core's :mod:`constrained_opt.robust`
+declarations built from a method's hyperparameters and the step's forget batch (docs/ddpm.md,
+"Robust rows").
+
+With L_c = L_f(θ) = E‖ε_f − ε_θ(x_t | c_f)‖² (the method's forget loss, Eq. 2) and
+L_train(θ, e) = E‖ε − ε_θ(x_t | c_f; E[c_f] = e)‖² (the plain DDPM loss on the forget batch, true ε and
+label):
+
+* ``relearn``: :class:`~constrained_opt.Relearn`, L_a = L_train: the row is ∇L_c(θ′), θ′ = θ after
+  ``relearn_steps`` SGD steps of size ``relearn_lr`` relearning the forget batch;
+* ``sharpness``: :class:`~constrained_opt.Sharpness` of radius ``sharpness_rho``, L_a = L_c
+  (``sharpness_attack="constraint"``, SAM) or L_a = −L_train (``"relearn"``: θ′ = θ − ρ·∇L_train/‖∇L_train‖);
+* ``inversion``: :class:`~constrained_opt.Inversion` over the forget class's embedding e (a copy of
+  E[c_f] taken at each step), L_a = −L_train(θ, e): the embedding that draws c_f best within
+  ‖e − E[c_f]‖₂ ≤ ``inversion_eps`` (0: unconstrained); the row is ∇_θ L_c(θ, e*).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..losses import Noised, denoising_loss, forget_loss, unet_eps_with_row
+from ..runtime.errors import UsageError
+from .base import Hyper
+
+ROBUST_FORMS = ("relearn", "sharpness", "inversion")
+SHARPNESS_ATTACKS = ("constraint", "relearn")
+
+
+def parse_forms(text: str) -> tuple[str, ...]:
+    """``"relearn+inversion"`` → ``("relearn", "inversion")``; unknown or repeated forms raise."""
+    forms = tuple(f for f in text.split("+") if f) if text else ()
+    bad = [f for f in forms if f not in ROBUST_FORMS]
+    if bad or len(set(forms)) != len(forms) or (text and not forms):
+        raise UsageError(
+            f"robust={text!r}: expected forms among {', '.join(ROBUST_FORMS)} joined by '+', each once "
+            "(e.g. robust=relearn+inversion; empty for none)"
+        )
+    return forms
+
+
+@dataclass
+class RobustHyper(Hyper):
+    """The robust rows' hyperparameters (shared by EraseDiff and MOO); ``robust=""`` means none."""
+
+    robust: str = ""
+    keep_plain: bool = True
+    relearn_steps: int = 1
+    relearn_lr: float = 0.3
+    sharpness_rho: float = 0.5
+    sharpness_attack: str = "constraint"
+    inversion_steps: int = 3
+    inversion_lr: float = 0.5
+    inversion_eps: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        forms = parse_forms(self.robust)
+        if not isinstance(self.keep_plain, bool):
+            raise UsageError(f"hyperparameter keep_plain must be true or false, got {self.keep_plain!r}")
+        if not self.keep_plain and not forms:
+            raise UsageError("keep_plain=false drops the plain forget row; it needs robust=FORMS")
+        if self.sharpness_attack not in SHARPNESS_ATTACKS:
+            raise UsageError(
+                f"sharpness_attack={self.sharpness_attack!r}: expected one of {', '.join(SHARPNESS_ATTACKS)}"
+            )
+        for name in ("relearn_steps", "inversion_steps"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"hyperparameter {name} must be an int ≥ 1, got {getattr(self, name)}")
+
+    @property
+    def robust_forms(self) -> tuple[str, ...]:
+        return parse_forms(self.robust)
+
+
+class RobustRows:
+    """Builds a step's constraints: the plain closure alone (``robust=""``, as before), or
+    ``{"forget": plain, "<form>": declaration, ...}`` (``keep_plain=False``: the robust rows only).
+
+    Holds the inversion's embedding e, a leaf tensor outside the UNet (the class table is never
+    written); it is reset to E[c_f] before each step, so no step starts from another's e*.
+    """
+
+    def __init__(self, unet, hp: RobustHyper, forget_class: int | tuple[int, ...]):
+        self.unet, self.hp, self.forms = unet, hp, hp.robust_forms
+        self.embedding: torch.Tensor | None = None
+        if "inversion" in self.forms:
+            if not isinstance(forget_class, int):
+                raise UsageError(
+                    "robust=inversion attacks one class embedding: it needs a single forget class, got "
+                    f"{forget_class}; use relearn or sharpness for several classes"
+                )
+            table = getattr(unet, "class_embedding", None)
+            if not isinstance(table, torch.nn.Embedding):
+                raise UsageError("robust=inversion needs a class-conditional DDPM (a class-embedding table)")
+            self.label = forget_class
+            self.embedding = table.weight[forget_class].detach().clone()
+
+    def constraints(self, eps, bf: Noised, target: torch.Tensor) -> Any:
+        """The step's constraint closure(s) for forget batch ``bf`` and substitute noise ``target``."""
+        from constrained_opt import Relearn, Sharpness
+
+        def plain() -> torch.Tensor:
+            return forget_loss(eps, bf, target)
+
+        def relearning() -> torch.Tensor:
+            return denoising_loss(eps, bf)
+
+        if not self.forms:
+            return plain
+        hp = self.hp
+        rows: dict[str, Any] = {"forget": plain} if hp.keep_plain else {}
+        for form in self.forms:
+            if form == "relearn":
+                rows[form] = Relearn(plain, attack=relearning, steps=hp.relearn_steps, lr=hp.relearn_lr)
+            elif form == "sharpness":
+                attack = (lambda: -relearning()) if hp.sharpness_attack == "relearn" else None
+                rows[form] = Sharpness(plain, rho=hp.sharpness_rho, attack=attack)
+            else:
+                rows[form] = self.inversion(bf, target)
+        return rows
+
+    def inversion(self, bf: Noised, target: torch.Tensor):
+        """The Inversion row over e, reset to E[c_f]: L_a = −L_train(θ, e), L_c = L_f(θ, e)."""
+        from constrained_opt import Inversion
+
+        x, hp = self.embedding, self.hp
+        with torch.no_grad():
+            x.copy_(self.unet.class_embedding.weight[self.label])
+        eps_x = unet_eps_with_row(self.unet, self.label, x)
+        return Inversion(
+            lambda: forget_loss(eps_x, bf, target),
+            input=x,
+            steps=hp.inversion_steps,
+            lr=hp.inversion_lr,
+            eps=hp.inversion_eps or None,
+            norm=2,
+            attack=lambda: -denoising_loss(eps_x, bf),
+        )
