@@ -98,8 +98,11 @@ def mean_ci95(values: list[float]) -> tuple[float, float | None]:
 
 
 def flatten(results: dict[str, dict], budget) -> dict[str, float]:
-    """The figures of one attacked model: P(y = c_f) under each attack, relearning's P at 5 and 20 steps
-    and its steps to P ≥ 0.5 (the budget's step count + probe spacing when never reached)."""
+    """The figures of one attacked model: P(y = c_f) under each attack, relearning's P at 5 and 20 steps,
+    its steps to P ≥ 0.5 (the budget's step count + probe spacing when never reached) and its AUC, the
+    mean P over the attack (:func:`~constrained_opt.diffusion.attacks.common.probe_auc`)."""
+    from constrained_opt.diffusion.attacks.common import probe_auc
+
     out = {
         f"{name}_p_forget": results[name]["p_forget"]
         for name in ("none", "inversion", "mixture", "benign")
@@ -112,6 +115,8 @@ def flatten(results: dict[str, dict], budget) -> dict[str, float]:
                 out[f"relearn_p_forget_{step}"] = r["p_forget_at"][step]
         steps = r["steps_to_threshold"]
         out["relearn_steps"] = steps if steps is not None else budget.relearn_steps + budget.probe_every
+        # results stored before the AUC was recorded: the same trapezoid over their stored probes
+        out["relearn_auc"] = r["auc"] if "auc" in r else probe_auc(r["p_forget_at"], r["steps"])
         out["relearn_p_forget"] = r["p_forget"]
     return out
 

@@ -85,7 +85,7 @@ def test_robustness_attacks_each_seeds_retrain_model_with_that_seed(assets, tmp_
     }
     assert "seeds 0, 2 share one Retrain model" in result["retrain_note"]
     assert "seeds 0, 2 share one Retrain model" in capsys.readouterr().out
-
+    assert result["per_seed"]["retrain"]["1"]["relearn_auc"] == pytest.approx(0.1)
 
 
 def test_attack_cache_is_keyed_by_the_checkpoint(assets, tmp_path, monkeypatch):
