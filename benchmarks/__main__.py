@@ -36,6 +36,8 @@ ITEMS = (
     "sa_fisher",
     "robustness",
     "robustness_published",
+    "deep_erasure_digits",
+    "deep_erasure_mnist5k",
 )
 SLOW = (
     "unlearning",  # its earlier result measured the superseded SalUn/SA; not rerun (CPU hours)
@@ -50,6 +52,8 @@ SLOW = (
     "release_loop",
     "robustness",
     "robustness_published",
+    "deep_erasure_digits",
+    "deep_erasure_mnist5k",
 )
 DEFAULT = tuple(item for item in ITEMS if item not in SLOW)
 # items sharing a module
@@ -61,6 +65,8 @@ MODULE = {
     "sa_tuned": "comparison",
     "release_loop": "comparison",
     "robustness_published": "robustness",
+    "deep_erasure_digits": "deep_erasure",
+    "deep_erasure_mnist5k": "deep_erasure",
 }
 
 
@@ -84,8 +90,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--work",
-        help="comparison items: folder for the demo outputs (models, samples; resumable; default "
-        "runs/benchmarks); robustness: models and per-run results (default runs/benchmarks/robustness)",
+        help="comparison and deep_erasure items: folder for the demo outputs (models, samples, attacks; "
+        "resumable; default runs/benchmarks); robustness: models and per-run results (default "
+        "runs/benchmarks/robustness)",
+    )
+    parser.add_argument(
+        "--hp",
+        nargs="+",
+        default=(),
+        metavar="LABEL.KEY=VALUE",
+        help="deep_erasure items: override a row's hyperparameter (the demo's --hp)",
     )
     parser.add_argument(
         "--models",
@@ -105,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         if module.__name__.endswith(".comparison"):
             extra = {"config": item, "work": args.work or "runs/benchmarks"}
+        if module.__name__.endswith(".deep_erasure"):
+            extra = {"config": item, "work": args.work or "runs/benchmarks", "hp": tuple(args.hp)}
         if item == "robustness":
             extra = {"work": args.work or "runs/benchmarks/robustness", "models": args.models}
         if item == "robustness_published":  # the comparison item's models (run it first)

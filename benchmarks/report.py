@@ -408,6 +408,22 @@ def _ddpm_multiclass(res: dict, suffix: str) -> list[str]:
     return [*out, *markdown(res).splitlines(), ""]
 
 
+def _deep_erasure(res: dict, suffix: str) -> list[str]:
+    from .deep_erasure import markdown
+
+    item = res["config"]
+    out = [f"## 21. {item}{suffix}", "", _machine(res).format(item=item), ""]
+    return [
+        *out,
+        f"`{res['demo_command']}`",
+        "",
+        *markdown(res).splitlines(),
+        "",
+        "See docs/robustness.md.",
+        "",
+    ]
+
+
 SECTIONS = {
     "step_overhead": _step_overhead,
     "projection": _projection,
@@ -427,6 +443,8 @@ SECTIONS = {
     "salun_transferred": _comparison,
     "sa_tuned": _comparison,
     "release_loop": _comparison,
+    "deep_erasure_digits": _deep_erasure,
+    "deep_erasure_mnist5k": _deep_erasure,
 }
 
 

@@ -2,14 +2,16 @@
 
 The digits DDPM forgets class 0 with each method at the demo's budget (300 steps, batch 64, Adam lr
 1e-4, the methods' default hyperparameters), once per seed; then every model — the base model, the
-Retrain reference (trained without class 0, when shipped), and each scrubbed one — goes through the four
-attacks of :mod:`constrained_opt.diffusion.attacks` at their default :class:`~.Budget`, with the attack
-seed equal to the unlearning seed (base and Retrain: one attack per seed). Figures are means over seeds
-with 95% Student-t half-widths; the base model's and Retrain's spreads over attack seeds are the noise
-floor. Per (model, seed) results and the scrubbed models are kept in ``work`` so an interrupted run
-resumes. ``models`` replaces the unlearning stage by demo output folders (``models/*.safetensors``,
-or ``seed<s>/models/*.safetensors`` for several seeds), e.g. the evaluation's final runs; the
-result's ``unlearning`` then holds each model's steps, batch size and lr, read from its file.
+Retrain reference (trained without class 0, when shipped: seed s's own Retrain model where one ships,
+else seed 0's), and each scrubbed one — goes through the four attacks of
+:mod:`constrained_opt.diffusion.attacks` at their default :class:`~.Budget`, with the attack seed equal
+to the unlearning seed (base: one attack; Retrain: one per seed). Figures are means over seeds with 95%
+Student-t half-widths; the base model's and Retrain's spreads over seeds are the noise floor
+(``retrain_files`` records each seed's Retrain file). Per (model, seed) results and the scrubbed
+models are kept in ``work`` so an interrupted run resumes (:func:`attack_cached`). ``models``
+replaces the unlearning stage by demo output folders (``models/*.safetensors``, or
+``seed<s>/models/*.safetensors`` for several seeds), e.g. the evaluation's final runs; the result's
+``unlearning`` then holds each model's steps, batch size and lr, read from its file.
 
 Each item writes ``<item>.json`` and regenerates the table between its own markers of
 ``docs/robustness.md`` (``robustness``, ``robustness_published``), except with ``--smoke`` or ``--no-docs``.
@@ -64,6 +66,20 @@ FIGURES = (
 # Noise floor of a verdict: a gap smaller than this is not called, whatever the intervals (P: about the
 # bootstrap half-width of one run's P near 0.05 with 100 samples; steps: the probe spacing).
 MIN_GAP = {"p": 0.05, "steps": 5}
+# The smoke runs' attack budget: seconds per model.
+SMOKE_BUDGET = dict(
+    num_images=8,
+    steps=3,
+    batch_size=8,
+    relearn_images=4,
+    relearn_steps=4,
+    benign_steps=2,
+    probe_every=2,
+    samples=8,
+    sampling_steps=2,
+    probe_samples=4,
+    probe_sampling_steps=2,
+)
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "robustness.md")
 # The published-budget variant (item robustness_published) attacks the comparison item's models.
 PUBLISHED_MODELS = os.path.join("runs", "benchmarks", "comparison")
@@ -84,8 +100,11 @@ def mean_ci95(values: list[float]) -> tuple[float, float | None]:
 
 
 def flatten(results: dict[str, dict], budget) -> dict[str, float]:
-    """The figures of one attacked model: P(y = c_f) under each attack, relearning's P at 5 and 20 steps
-    and its steps to P ≥ 0.5 (the budget's step count + probe spacing when never reached)."""
+    """The figures of one attacked model: P(y = c_f) under each attack, relearning's P at 5 and 20 steps,
+    its steps to P ≥ 0.5 (the budget's step count + probe spacing when never reached) and its AUC, the
+    mean P over the attack (:func:`~constrained_opt.diffusion.attacks.common.probe_auc`)."""
+    from constrained_opt.diffusion.attacks.common import probe_auc
+
     out = {
         f"{name}_p_forget": results[name]["p_forget"]
         for name in ("none", "inversion", "mixture", "benign")
@@ -98,6 +117,8 @@ def flatten(results: dict[str, dict], budget) -> dict[str, float]:
                 out[f"relearn_p_forget_{step}"] = r["p_forget_at"][step]
         steps = r["steps_to_threshold"]
         out["relearn_steps"] = steps if steps is not None else budget.relearn_steps + budget.probe_every
+        # results stored before the AUC was recorded: the same trapezoid over their stored probes
+        out["relearn_auc"] = r["auc"] if "auc" in r else probe_auc(r["p_forget_at"], r["steps"])
         out["relearn_p_forget"] = r["p_forget"]
     return out
 
@@ -143,6 +164,62 @@ def model_budgets(paths: dict[tuple[str, int], str]) -> dict[str, dict]:
     }
 
 
+def attack_cached(
+    label: str,
+    seed: int,
+    path: str,
+    budget,
+    work: str,
+    classifier,
+    data,
+    forget_class: int = FORGET_CLASS,
+    attacks: tuple[str, ...] | None = None,
+    *,
+    make=None,
+    legacy: bool = True,
+) -> dict:
+    """The attack record {results, budget, attacks, model, model_sha256} of the checkpoint ``path`` as
+    model ``label`` of ``seed``, kept in ``work/<label>-seed<seed>.json`` and reused when its budget,
+    attacks and checkpoint (SHA-256) match. A record written before the checkpoint was recorded is
+    reused when ``legacy`` (the caller knows the file is the one attacked then). ``make(path)`` writes a
+    missing checkpoint first (the models unlearned here)."""
+    from constrained_opt.diffusion.attacks.ddpm import ATTACKS, attack_unet
+    from constrained_opt.diffusion.models import load_unet
+    from constrained_opt.diffusion.runtime.io import read_json, write_json
+    from constrained_opt.diffusion.runtime.provenance import file_digest
+
+    attacks = tuple(attacks or ATTACKS)
+    done = os.path.join(work, f"{label}-seed{seed}.json")
+    key = {"budget": dataclasses.asdict(budget), "attacks": list(attacks)}
+    if os.path.isfile(done) and os.path.isfile(path):
+        stored = read_json(done)
+        same = stored["budget"] == key["budget"] and stored.get("attacks", list(ATTACKS)) == key["attacks"]
+        sha = stored.get("model_sha256")
+        if same and (sha == file_digest(path) if sha else legacy):
+            return stored
+    if not os.path.isfile(path):
+        make(path)
+    device = next(classifier.parameters()).device
+    unet = load_unet(path)[0].to(device).eval()
+    results, _ = attack_unet(unet, classifier, data, forget_class, attacks, budget=budget, progress=False)
+    record = {"results": results, **key, "model": os.path.basename(path), "model_sha256": file_digest(path)}
+    write_json(done, record)
+    line = ", ".join(f"{k} {v:.3f}" for k, v in flatten(results, budget).items())
+    print(f"{os.path.basename(work)}  {label} seed {seed}: {line}", flush=True)
+    return record
+
+
+def retrain_files(data: str, forget_class: int, seeds) -> dict[int, str]:
+    """{seed: the shipped Retrain checkpoint of that seed} (:func:`shipped_retrain`: the seed's own file,
+    else seed 0's; empty when none ships); prints the note when seeds share one."""
+    from constrained_opt.diffusion.models import shared_retrain_note, shipped_retrain
+
+    files = {s: path for s in seeds if (path := shipped_retrain(data, forget_class, s))}
+    if note := shared_retrain_note(files):
+        print(note, flush=True)
+    return files
+
+
 def run(
     device: torch.device,
     smoke: bool,
@@ -150,93 +227,79 @@ def run(
     models: list[str] | None = None,
 ) -> dict:
     from constrained_opt.diffusion.attacks.common import Budget
-    from constrained_opt.diffusion.attacks.ddpm import attack_unet
     from constrained_opt.diffusion.data import load_data, split_forget
     from constrained_opt.diffusion.methods.unlearn import unlearn
     from constrained_opt.diffusion.models import (
-        ASSETS,
         SHIPPED_CLASSIFIER,
         SHIPPED_UNET,
         load_classifier,
         load_unet,
         save_unet,
+        shared_retrain_note,
+        shipped_retrain,
     )
-    from constrained_opt.diffusion.runtime.io import read_json, write_json
 
     data = load_data("digits")
     retain, forget = split_forget(data, FORGET_CLASS)
-    base, _ = load_unet(SHIPPED_UNET)
-    base = base.to(device).eval()
     classifier = load_classifier(SHIPPED_CLASSIFIER)[0].to(device)
     seeds = (0,) if smoke else SEEDS
     runs = {"erasediff": RUNS["erasediff"], "moo": RUNS["moo"]} if smoke else RUNS
     steps = 2 if smoke else 300
-    budget_kw = (
-        dict(
-            num_images=8,
-            steps=3,
-            batch_size=8,
-            relearn_images=4,
-            relearn_steps=4,
-            benign_steps=2,
-            probe_every=2,
-            samples=8,
-            sampling_steps=2,
-            probe_samples=4,
-            probe_sampling_steps=2,
-        )
-        if smoke
-        else {}
-    )
+    budget_kw = SMOKE_BUDGET if smoke else {}
     work = os.path.join(work, "smoke") if smoke else work
     paths: dict[tuple[str, int], str] = {}
-    retrain_path = os.path.join(ASSETS, f"digits_retrain_c{FORGET_CLASS}.safetensors")
     paths[("base", seeds[0])] = SHIPPED_UNET  # forgets nothing: one attack shows each reaches P ≥ 0.8
-    for seed in seeds:
-        if os.path.isfile(retrain_path):
-            paths[("retrain", seed)] = retrain_path
+    retrain = retrain_files("digits", FORGET_CLASS, seeds)
+    paths.update({("retrain", s): path for s, path in retrain.items()})  # attack seed s on seed s's model
     if models:
         paths.update({k: v for k, v in find_models(models).items() if k[1] in seeds})
+    base = None
+
+    def unlearned(label: str, seed: int):
+        def make(path: str) -> None:
+            nonlocal base
+            if base is None:
+                base = load_unet(SHIPPED_UNET)[0].to(device).eval()
+            method, hp = runs[label]
+            result = unlearn(
+                method,
+                base,
+                retain,
+                forget,
+                FORGET_CLASS,
+                steps=steps,
+                batch_size=64,
+                lr=1e-4,
+                seed=seed,
+                hparams=hp,
+                progress=False,
+            )
+            save_unet(
+                path, result.unet.cpu(), {"method": method, "hparams": hp, "seed": seed, "steps": steps}
+            )
+
+        return make
+
     records: dict[str, dict[int, dict]] = {}
     labels = ["base", "retrain", *runs] if not models else sorted({k[0] for k in paths}, key=_order)
     for label in labels:
         for seed in seeds:
             if (label, seed) not in paths and (models or label not in runs):
                 continue  # base beyond the first seed, Retrain when none is shipped
-            budget = Budget(**budget_kw, seed=seed)
-            done = os.path.join(work, f"{label}-seed{seed}.json")
-            if os.path.isfile(done) and read_json(done)["budget"] == dataclasses.asdict(budget):
-                records.setdefault(label, {})[seed] = read_json(done)
-                continue
-            if (label, seed) in paths:
-                unet = load_unet(paths[(label, seed)])[0].to(device).eval()
-            else:
-                method, hp = runs[label]
-                unet = unlearn(
-                    method,
-                    base,
-                    retain,
-                    forget,
-                    FORGET_CLASS,
-                    steps=steps,
-                    batch_size=64,
-                    lr=1e-4,
-                    seed=seed,
-                    hparams=hp,
-                    progress=False,
-                ).unet
-                save_unet(
-                    os.path.join(work, "models", f"{label}-seed{seed}.safetensors"),
-                    unet.cpu(),
-                    {"method": method, "hparams": hp, "seed": seed, "steps": steps},
-                )
-                unet = unet.to(device)
-            results, _ = attack_unet(unet, classifier, data, FORGET_CLASS, budget=budget, progress=False)
-            record = {"results": results, "budget": dataclasses.asdict(budget)}
-            write_json(done, record)
-            records.setdefault(label, {})[seed] = record
-            line = ", ".join(f"{k} {v:.3f}" for k, v in flatten(results, budget).items())
-            print(f"robustness  {label} seed {seed}: {line}", flush=True)
+            path = paths.get((label, seed)) or os.path.join(work, "models", f"{label}-seed{seed}.safetensors")
+            # before per-seed Retrain models, every seed's Retrain record attacked seed 0's model
+            legacy = label != "retrain" or path == shipped_retrain("digits", FORGET_CLASS, 0)
+            records.setdefault(label, {})[seed] = attack_cached(
+                label,
+                seed,
+                path,
+                Budget(**budget_kw, seed=seed),
+                work,
+                classifier,
+                data,
+                make=None if (label, seed) in paths else unlearned(label, seed),
+                legacy=legacy,
+            )
     summary = {
         label: summarise([r["results"] for r in per.values()], budget_kw) for label, per in records.items()
     }
@@ -249,6 +312,8 @@ def run(
             else {"steps": steps, "batch_size": 64, "lr": 1e-4, "runs": {k: list(v) for k, v in runs.items()}}
         ),
         "models_from": models or "unlearned here",
+        "retrain_files": {str(s): os.path.basename(p) for s, p in retrain.items()},
+        "retrain_note": shared_retrain_note(retrain),
         "budget": {**Budget(**budget_kw).__dict__, "seed": "= unlearning seed"},
         "summary": summary,
         "per_seed": {

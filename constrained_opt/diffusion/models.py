@@ -34,6 +34,25 @@ def shipped(data: str, what: str, forget_class: int | None = None) -> str | None
     return path if os.path.isfile(path) else None
 
 
+def shipped_retrain(data: str, forget_class: int, seed: int = 0) -> str | None:
+    """The shipped Retrain reference for ``seed``: ``<data>_retrain_c<C>_s<seed>`` when it ships (seed 0:
+    ``<data>_retrain_c<C>``), else the seed-0 file; None when no Retrain file ships for the class."""
+    path = os.path.join(ASSETS, f"{data}_retrain_c{forget_class}_s{seed}.safetensors")
+    return path if seed and os.path.isfile(path) else shipped(data, "retrain", forget_class)
+
+
+def shared_retrain_note(files: dict[int, str]) -> str | None:
+    """The one-line note when seeds share a Retrain model ({seed: path}): its spread over seeds then
+    covers the evaluation and attack seeds only, not the training seed. None when each seed has its own."""
+    if len(set(files.values())) == len(files):
+        return None
+    shared = sorted(s for s in files if list(files.values()).count(files[s]) > 1)
+    return (
+        f"Retrain: seeds {', '.join(map(str, shared))} share one Retrain model (no per-seed model ships): "
+        "its spread over seeds covers the evaluation and attack seeds only, not its training seed."
+    )
+
+
 # UNet2DModel keyword presets; sample_size, channels and num_class_embeds come from the data.
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     # ~0.65M parameters, one attention block (the mid block); trains in ~4 min on 2 CPU cores.

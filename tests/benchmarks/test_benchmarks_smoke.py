@@ -185,3 +185,46 @@ def test_robustness_smoke_attacks_every_model_and_renders_the_table(tmp_path):
 
     table = markdown(res)
     assert "| Unscrubbed (base) |" in table and "| EraseDiff (grad_norm) |" in table
+
+
+@pytest.mark.slow
+def test_deep_erasure_smoke_measures_rows_and_retrain_and_plots_the_frontier(tmp_path):
+    """One seed, two rows at tiny budgets: the demo stage, the attacks on every model and on Retrain,
+    the summary, the goal verdicts and the frontier plot; no doc is touched."""
+    watched = [ROOT / "docs" / "robustness.md", ROOT / "docs" / "benchmarks.md"]
+    before = [p.read_bytes() for p in watched]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "--only",
+        "deep_erasure_digits",
+        "--smoke",
+        "--out",
+        str(tmp_path),
+    ]
+    subprocess.run(
+        [*cmd, "--work", str(tmp_path / "work")], cwd=ROOT, check=True, capture_output=True, timeout=600
+    )
+    res = json.loads((tmp_path / "deep_erasure_digits.json").read_text())
+    assert list(res["summary"]) == ["retrain", "erasediff", "erasediff_value"] and res["seeds"] == [0]
+    assert "--variant erasediff_value=erasediff:rule=value" in res["demo_command"]
+    assert res["retrain_files"] == {"0": "digits_retrain_c0.safetensors"} and res["attacks"] == [
+        "inversion",
+        "relearn",
+        "benign",
+    ]
+    for label, figures in res["summary"].items():
+        assert 0 <= figures["relearn_auc"]["mean"] <= 1 and figures["relearn_steps"]["mean"] >= 0
+        assert {"inversion_p_forget", "benign_p_forget", "fid", "remaining_accuracy"} <= set(figures)
+        assert ("time_ratio" in figures) == (label != "retrain")
+    assert res["summary"]["erasediff"]["time_ratio"]["mean"] == 1.0
+    assert set(res["goal"]) == {"erasediff", "erasediff_value"}
+    assert list((tmp_path / "work" / "deep_erasure_digits_smoke" / "attacks").glob("*-seed0.json"))
+    assert [p.read_bytes() for p in watched] == before
+
+    from benchmarks.deep_erasure import frontier_plot, markdown
+
+    assert "- erasediff: as deep as Retrain: " in markdown(res)
+    frontier_plot(res, str(tmp_path / "frontier.png"))
+    assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"

@@ -114,6 +114,16 @@ def bootstrap_ci(values: Tensor, seed: int, resamples: int = 1000, level: float 
     return [lo.item(), hi.item()]
 
 
+def probe_auc(probes: dict[int, float], steps: int) -> float:
+    """Mean P over a fine-tuning attack: (1/m)∫₀^m P(s) ds by the trapezoid rule over the probed steps
+    ``probes`` ({step: P}, from step 0 to step m = ``steps``), in [0, 1]; lower = erased deeper."""
+    curve = sorted((int(s), float(p)) for s, p in probes.items())  # stored results key steps by text
+    if curve[0][0] != 0 or curve[-1][0] != steps:
+        raise ValueError(f"probes must span steps 0 to {steps}, got {curve[0][0]} to {curve[-1][0]}")
+    xs, ys = torch.tensor(curve, dtype=torch.float64).T
+    return torch.trapezoid(ys, xs).item() / steps
+
+
 def loss_record(losses: list[float], t0: float) -> dict[str, Any]:
     """Mean loss over the first and the last tenth of the steps (single-batch losses are noisy)."""
     window = max(1, len(losses) // 10)

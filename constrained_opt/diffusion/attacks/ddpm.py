@@ -16,7 +16,8 @@ by all models, so the figures compare across unlearning methods.
    the C + 1 vertices, see :func:`best_start`.
 3. **Relearning**: all weights of a copy of θ fine-tuned m steps on n real images of c_f with the plain
    training loss L(x_0, E_{c_f}) (Adam, update norm clipped at 1 as in training); P(y = c_f) is probed
-   every ``probe_every`` steps; reported: P at each probe and the first probed step where P ≥ 0.5.
+   every ``probe_every`` steps; reported: P at each probe, the first probed step where P ≥ 0.5 and the
+   area under the probed curve, ``auc`` = (1/m)∫₀^m P ds (trapezoid rule; the mean P over the attack).
 4. **Benign fine-tuning**: the same on the retained classes only (c_f is never shown); whether
    P(y = c_f) rises again.
 
@@ -50,7 +51,7 @@ from ..models import load_unet, null_class
 from ..runtime.errors import UsageError
 from ..runtime.io import read_json, write_json
 from ..sampling import make_scheduler, sample
-from .common import AppendedEmbedding, Budget, bootstrap_ci, loss_record, project_simplex
+from .common import AppendedEmbedding, Budget, bootstrap_ci, loss_record, probe_auc, project_simplex
 from .report import report_line, summary
 
 ATTACKS = ("inversion", "mixture", "relearn", "benign")
@@ -317,6 +318,7 @@ def fine_tune_attack(
         "num_images": len(train),
         "p_forget_at": {str(s): p for s, p in probes.items()},
         "steps_to_threshold": crossed,
+        "auc": probe_auc(probes, steps),
         "threshold": RELEARN_THRESHOLD,
         **loss_record(losses, t0),
     }

@@ -19,6 +19,8 @@ def summary(results: dict[str, dict]) -> dict[str, float | int | None]:
         out[f"attack_{name}_entropy"] = r["entropy"]
         if "steps_to_threshold" in r:
             out[f"attack_{name}_steps"] = r["steps_to_threshold"]
+        if name == "relearn" and "auc" in r:
+            out["attack_relearn_auc"] = r["auc"]
     return out
 
 
@@ -27,6 +29,7 @@ ATTACK_COLUMNS = (
     ("attack_mixture_p_forget", "Mixture P ↓"),
     ("attack_relearn_p_forget", "Relearn P (end) ↓"),
     ("attack_relearn_steps", "Relearn steps to P ≥ 0.5 ↑"),
+    ("attack_relearn_auc", "Relearn mean P (AUC) ↓"),
     ("attack_benign_p_forget", "Benign FT P (end) ↓"),
 )
 

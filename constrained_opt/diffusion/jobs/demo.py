@@ -12,6 +12,7 @@ from ..evaluation.generated import EvalSettings
 from ..evaluation.metrics import METRICS, classifier_features, real_split_floor
 from ..evaluation.report import DISPLAY, gap_table, metrics_table, write_report
 from ..evaluation.statistics import aggregate
+from ..models import shared_retrain_note
 from ..runtime.device import resolve_device
 from ..runtime.errors import UsageError
 from ..runtime.io import write_json, write_text
@@ -100,14 +101,17 @@ def demo(options: DemoOptions | None = None, /, **fields) -> dict[str, dict]:
     )
     if o.resume:  # before the Retrain reference, which may take as long as the base model to train
         check_done_rows(ctx, range(o.seed, o.seed + o.seeds), o.out)
-    if o.retrain:
-        ctx.references["retrain"] = (
-            o.retrain
+    if o.retrain:  # each seed's own Retrain model where one ships (shipped_retrain), else seed 0's
+        ctx.retrain = {
+            s: o.retrain
             if isinstance(o.retrain, str)
-            else retrain_checkpoint(o.data, o.forget_class, unet_path, cache, o.device, o.progress)
-        )
-        load_checked(image_data, ctx.references["retrain"], None, dev)
-    references = ctx.references
+            else retrain_checkpoint(o.data, o.forget_class, unet_path, cache, o.device, o.progress, seed=s)
+            for s in range(o.seed, o.seed + o.seeds)
+        }
+        for path in dict.fromkeys(ctx.retrain.values()):
+            load_checked(image_data, path, None, dev)
+        if note := shared_retrain_note(ctx.retrain):
+            print(note, flush=True)
 
     per_seed, histories = [], {}
     for s in range(o.seed, o.seed + o.seeds):
@@ -134,7 +138,7 @@ def demo(options: DemoOptions | None = None, /, **fields) -> dict[str, dict]:
         "runs": {r.label: f"{r.method} {r.steps}×{r.batch_size} {r.hparams}" for r in runs},
         "base checkpoint": os.path.relpath(unet_path),
         "classifier": os.path.relpath(clf_path),
-        "retrain checkpoint": os.path.relpath(references["retrain"]) if "retrain" in references else None,
+        "retrain checkpoint": {s: os.path.relpath(p) for s, p in ctx.retrain.items()} or None,
         "evaluation": {**asdict(es), "seed": "= unlearning seed", "bootstrap rounds": o.bootstrap},
         "device": str(dev),
         "wall time (s)": round(time.perf_counter() - t_start, 1),
@@ -149,7 +153,11 @@ def demo(options: DemoOptions | None = None, /, **fields) -> dict[str, dict]:
         f"Forgetting class {o.forget_class} (DDPM on {o.data})",
         summary,
         settings,
-        [*noise_floor_notes(floor), *acceptance_notes(summary)],
+        [
+            *noise_floor_notes(floor),
+            *filter(None, [shared_retrain_note(ctx.retrain)]),
+            *acceptance_notes(summary),
+        ],
         figures,
     )
     tables = metrics_table(summary) + "\n" + gap_table(summary) + under_attack(summary)

@@ -42,7 +42,7 @@ class DemoContext:
     classifier: object
     classifier_path: str
     classifier_digest: str  # SHA-256 of the classifier file: part of every row's configuration
-    references: dict[str, str]  # "base"/"retrain" → checkpoint path
+    references: dict[str, str]  # "base" → checkpoint path
     runs: list[Run]
     lr: float
     es: EvalSettings
@@ -52,12 +52,16 @@ class DemoContext:
     progress: bool
     inputs: dict  # identify the data and base model in each run's configuration (see .resume)
     attacks: bool = False  # also attack every model (demo --attacks)
+    retrain: dict[int, str] = dataclasses.field(default_factory=dict)  # seed → Retrain checkpoint path
+
+    def references_at(self, seed: int) -> dict[str, str]:
+        """The reference models of ``seed``: base, and that seed's Retrain model when there is one."""
+        return {**self.references, **({"retrain": self.retrain[seed]} if seed in self.retrain else {})}
 
 
-def evaluate_reference(ctx: DemoContext, name: str, es: EvalSettings) -> dict:
-    """Metrics (and bootstrap half-widths) of the base or Retrain model, cached across runs by the
-    checkpoint and classifier digests, the settings and the class."""
-    path = ctx.references[name]
+def evaluate_reference(ctx: DemoContext, name: str, path: str, es: EvalSettings) -> dict:
+    """Metrics (and bootstrap half-widths) of the base or Retrain model at ``path``, cached across runs
+    by the checkpoint and classifier digests, the settings and the class."""
     key = eval_key(
         "no-fake-zeros",
         file_digest(path),
@@ -134,7 +138,8 @@ def run_seed(ctx: DemoContext, seed: int, out: str) -> tuple[dict[str, dict], di
     es = dataclasses.replace(ctx.es, seed=seed)
     state_dir = os.path.join(out, "state")
     os.makedirs(state_dir, exist_ok=True)
-    refs = {name: evaluate_reference(ctx, name, es) for name in ctx.references}
+    references = ctx.references_at(seed)
+    refs = {name: evaluate_reference(ctx, name, path, es) for name, path in references.items()}
     results = {name: ref["metrics"] for name, ref in refs.items()}
     histories: dict[str, list] = {}
     retain, forget = split_forget(ctx.data, ctx.forget_class)
@@ -190,7 +195,7 @@ def run_seed(ctx: DemoContext, seed: int, out: str) -> tuple[dict[str, dict], di
             )
     if ctx.attacks:
         models = {
-            **ctx.references,
+            **references,
             **{r.label: os.path.join(out, "models", f"{r.label}.safetensors") for r in ctx.runs},
         }
         models = {name: path for name, path in models.items() if "failed" not in results[name]}

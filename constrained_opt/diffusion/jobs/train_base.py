@@ -6,7 +6,15 @@ from __future__ import annotations
 import os
 
 from ..data import check_class, load_data, split_forget
-from ..models import UNET_PRESETS, default_preset, load_unet, save_classifier, save_unet, shipped
+from ..models import (
+    UNET_PRESETS,
+    default_preset,
+    load_unet,
+    save_classifier,
+    save_unet,
+    shipped,
+    shipped_retrain,
+)
 from ..runtime.device import resolve_device
 from ..runtime.errors import UsageError
 from ..runtime.io import write_json
@@ -116,14 +124,15 @@ def base_checkpoints(
 
 
 def retrain_checkpoint(
-    data: str, forget_class: int, base_path: str, cache: str, device: str, progress: bool
+    data: str, forget_class: int, base_path: str, cache: str, device: str, progress: bool, seed: int = 0
 ) -> str:
-    """The Retrain reference for ``forget_class``: the shipped one, else one trained here with the base
-    model's own recipe (its provenance: preset, seed, steps, batch size, lr) on D without the class,
+    """The Retrain reference for ``forget_class`` and ``seed``: the shipped one
+    (:func:`~..models.shipped_retrain`: the seed's own file, else seed 0's), else one trained here with
+    the base model's own recipe (its provenance: preset, seed, steps, batch size, lr) on D without the class,
     cached in ``cache`` under the data, the class and the base checkpoint's digest (which fixes the
     recipe), so it is trained once. Before training it says so, with the expected time: the recipe's
     steps × one step's wall time measured here (:func:`~..train.unet_step_seconds`)."""
-    path = shipped(data, "retrain", forget_class)
+    path = shipped_retrain(data, forget_class, seed)
     if path:
         return path
     _, recipe = load_unet(base_path)

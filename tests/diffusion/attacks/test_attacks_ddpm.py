@@ -210,6 +210,17 @@ def test_relearning_trains_a_copy_probes_on_schedule_and_lowers_the_loss(data):
     assert r["loss_last"] < r["loss_first"]
     crossed = [int(s) for s, p in r["p_forget_at"].items() if p >= 0.5]
     assert r["steps_to_threshold"] == (crossed[0] if crossed else None)
+    p = [r["p_forget_at"][s] for s in ("0", "10", "20", "30")]
+    assert r["auc"] == pytest.approx((p[0] / 2 + p[1] + p[2] + p[3] / 2) / 3)  # 10 · trapezoid / 30
+
+
+def test_probe_auc_is_the_trapezoid_mean_of_the_probed_curve():
+    # P: 0 at step 0, 0.2 at 2, 1 at 4, 1 at 5 (the last probe off the grid): area 0.2 + 1.2 + 1 = 2.4
+    assert attack_common.probe_auc({0: 0.0, 2: 0.2, 4: 1.0, 5: 1.0}, 5) == pytest.approx(2.4 / 5)
+    assert attack_common.probe_auc({"0": 0.3, "10": 0.3}, 10) == pytest.approx(0.3)  # flat: P itself
+    assert attack_common.probe_auc({"4": 1.0, "0": 0.0}, 4) == pytest.approx(0.5)  # unordered text keys
+    with pytest.raises(ValueError, match="span steps 0 to 6"):
+        attack_common.probe_auc({0: 0.0, 4: 1.0}, 6)
 
 
 def test_benign_fine_tuning_never_shows_the_forgotten_class(data):
@@ -245,7 +256,7 @@ def test_summary_and_table_carry_the_demo_keys():
     results = {
         "none": {"p_forget": 0.01},
         "inversion": {"p_forget": 0.9, "entropy": 0.1},
-        "relearn": {"p_forget": 0.3, "entropy": 0.2, "steps_to_threshold": None, "steps": 8},
+        "relearn": {"p_forget": 0.3, "entropy": 0.2, "steps_to_threshold": None, "steps": 8, "auc": 0.125},
     }
     flat = attack_report.summary(results)
     assert flat == {
@@ -254,9 +265,10 @@ def test_summary_and_table_carry_the_demo_keys():
         "attack_relearn_p_forget": 0.3,
         "attack_relearn_entropy": 0.2,
         "attack_relearn_steps": None,
+        "attack_relearn_auc": 0.125,
     }
     table = attack_report.attack_table({"erasediff": {"p_forget": 0.01, **flat}}, {"erasediff": "EraseDiff"})
-    assert "| EraseDiff | 0.010 | 0.900 | 0.300 | > budget |" in table
+    assert "| EraseDiff | 0.010 | 0.900 | 0.300 | > budget | 0.125 |" in table
     assert (
         attack_report.report_line("m", results)
         == "m: P(y=c_f) none 0.010, inversion 0.900, relearn 0.300 (P < 0.5 for 8 steps)"

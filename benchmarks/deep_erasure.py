@@ -1,0 +1,368 @@
+"""Items deep_erasure_digits, deep_erasure_mnist5k: the frontier of depth of erasure against cost (issue 18).
+
+Stage 1 runs ``constrained-opt demo`` (:func:`~constrained_opt.diffusion.jobs.demo.demo`; the command is
+recorded as ``demo_command``) on the data set, forget class 0, seeds 0–2, with every row of
+:data:`ROWS` at the demo's digits budget (300 steps × batch 64, Adam lr 1e-4; ``--hp LABEL.KEY=VALUE``
+overrides a row's hyperparameter): utility (remaining accuracy, FID, precision, recall) and cost
+(unlearning time, peak memory) per row and seed, and the Retrain row of each seed, evaluated with that
+seed's own shipped Retrain model where one ships (else seed 0's, noted in the result).
+
+Stage 2 attacks each row's model of each seed and each seed's Retrain model with
+:func:`benchmarks.robustness.attack_cached` (attack seed = seed) under :data:`BUDGET`: 100 relearning
+steps probed every 2 steps, the other attacks at their default :class:`~.Budget`. Attacks: inversion,
+relearning, benign fine-tuning. The embedding mixture is left out: it found nothing on any scrubbed model
+(docs/robustness.md: P ≤ 0.04 on every run except Finetune's, which forgot nothing).
+
+Summary per row: mean ± 95% Student-t half-width over seeds of relearning's steps to P ≥ 0.5 (censored at
+100 + 2 when never reached) and its AUC (the mean P over the attack), the inversion and benign P, the
+utility metrics, and the cost as ratios to plain EraseDiff's on the same seed (time = unlearning loop +
+one-off preparation), and the goal verdict against Retrain (:func:`goal`). Both stages resume from
+``work/<item>/``. The item writes ``<item>.json``, its block of docs/robustness.md and the frontier plot
+``docs/img/<item>.png``, except with ``--smoke`` (one seed, two rows, tiny budgets) or ``--no-docs``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from .robustness import DOC, attack_cached, mean_ci95, retrain_files
+
+FORGET_CLASS = 0
+SEEDS = 3
+# label: (method, hyperparameters). "erasediff" is plain EraseDiff, the cost reference; a row whose label
+# is its method's name with no hyperparameters runs as ``--methods``, the others as ``--variant``.
+# Methods are resolved when the item runs, so rows may name methods that other branches register.
+ROWS: dict[str, tuple[str, dict]] = {
+    "erasediff": ("erasediff", {}),
+    "erasediff_relearn_a": ("erasediff", {"robust": "relearn", "relearn_lr": 1.0}),
+    "moo": ("moo", {}),
+    "salun": ("salun", {}),
+    "meta_unlearning": ("meta_unlearning", {}),
+    "advunlearn": ("advunlearn", {}),
+}
+ATTACKS = ("inversion", "relearn", "benign")
+BUDGET = dict(relearn_steps=100, probe_every=2)  # the rest: Budget's defaults
+CONFIGS = {
+    "deep_erasure_digits": dict(data="digits", per_class=200),
+    "deep_erasure_mnist5k": dict(data="mnist5k", per_class=100),  # as comparison_mnist5k
+}
+SMOKE = dict(seeds=1, steps=2, batch_size=8, per_class=4, sampling_steps=2)
+SMOKE_ROWS = {"erasediff": ("erasediff", {}), "erasediff_value": ("erasediff", {"rule": "value"})}
+MAX_TIME_RATIO = 3.0  # the goal's cost limit: unlearning time ≤ 3 × plain EraseDiff's
+# (figure key, column title, format); "↑"/"↓": which way is deeper or better
+FIGURES = (
+    ("p_forget", "P no attack ↓", "{:.3f}"),
+    ("relearn_steps", "Relearn steps to P ≥ 0.5 ↑", "{:.0f}"),
+    ("relearn_auc", "Relearn AUC ↓", "{:.3f}"),
+    ("inversion_p_forget", "Inversion P ↓", "{:.3f}"),
+    ("benign_p_forget", "Benign FT P ↓", "{:.3f}"),
+    ("remaining_accuracy", "Remaining acc. ↑", "{:.3f}"),
+    ("fid", "FID ↓", "{:.3f}"),
+    ("precision", "Precision ↑", "{:.3f}"),
+    ("recall", "Recall ↑", "{:.3f}"),
+    ("time_ratio", "Time / EraseDiff", "{:.2f}"),
+    ("memory_ratio", "Peak mem. / EraseDiff", "{:.2f}"),
+)
+UTILITY = ("p_forget", "remaining_accuracy", "fid", "precision", "recall")
+IMG = os.path.join(os.path.dirname(DOC), "img")
+
+
+def demo_runs(rows: dict[str, tuple[str, dict]]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(``--methods``, ``--variant`` texts) that run ``rows`` beside the demo's own plain EraseDiff."""
+    method, hp = rows.get("erasediff", ("erasediff", {}))
+    if method != "erasediff" or hp:
+        raise SystemExit(
+            "deep_erasure: the row 'erasediff' is plain EraseDiff (the cost reference): rename it"
+        )
+    methods, variants = [], []
+    for label, (method, hp) in rows.items():
+        if label == "erasediff":
+            continue
+        if label == method and not hp:
+            methods.append(method)
+        else:
+            pairs = ",".join(f"{k}={v}" for k, v in hp.items())
+            variants.append(f"{label}={method}" + (f":{pairs}" if pairs else ""))
+    return tuple(methods), tuple(variants)
+
+
+def check_rows(rows: dict[str, tuple[str, dict]]) -> None:
+    """Every row's method is registered here (resolved at run time, not at import)."""
+    from constrained_opt.diffusion.methods.registry import METHODS
+
+    unknown = {label: method for label, (method, _) in rows.items() if method not in METHODS}
+    if unknown:
+        listed = ", ".join(f"{label} ({method})" for label, method in unknown.items())
+        raise SystemExit(
+            f"deep_erasure: rows {listed} use methods not registered in this checkout: drop them from "
+            "ROWS or merge the branches that add them"
+        )
+
+
+def run(
+    device: torch.device,
+    smoke: bool,
+    config: str = "deep_erasure_digits",
+    work: str = "runs/benchmarks",
+    hp: tuple[str, ...] = (),
+) -> dict:
+    from constrained_opt.diffusion.attacks.common import Budget
+    from constrained_opt.diffusion.data import load_data
+    from constrained_opt.diffusion.evaluation.generated import EvalSettings
+    from constrained_opt.diffusion.jobs.demo import demo
+    from constrained_opt.diffusion.jobs.demo_seed import seed_dir
+    from constrained_opt.diffusion.models import load_classifier, shared_retrain_note, shipped
+    from constrained_opt.diffusion.runtime.io import read_json
+
+    from .comparison import _commit, command
+    from .robustness import SMOKE_BUDGET
+
+    rows = {"erasediff": ("erasediff", {}), **(SMOKE_ROWS if smoke else ROWS)}
+    check_rows(rows)
+    methods, variants = demo_runs(rows)
+    cfg = dict(
+        CONFIGS[config],
+        seeds=SEEDS,
+        methods=methods,
+        variants=variants,
+        published_budgets=False,
+        budgets=(),
+        hp=tuple(hp),
+        bootstrap=0,
+    )
+    if smoke:
+        cfg = {**cfg, "data": "digits", **SMOKE}
+    out = os.path.join(work, config + ("_smoke" if smoke else ""))
+    seeds = list(range(cfg["seeds"]))
+    demo(
+        data=cfg["data"],
+        seeds=cfg["seeds"],
+        out=out,
+        methods=methods,
+        variants=variants,
+        steps=cfg.get("steps", 300),
+        batch_size=cfg.get("batch_size", 64),
+        lr=1e-4,
+        hp=cfg["hp"],
+        es=EvalSettings(per_class=cfg["per_class"], num_steps=cfg.get("sampling_steps", 50), seed=0),
+        device=str(device),
+        resume=True,
+        progress=False,
+    )
+    data = load_data(cfg["data"])
+    classifier = load_classifier(shipped(cfg["data"], "classifier"))[0].to(device)
+    retrain = retrain_files(cfg["data"], FORGET_CLASS, seeds)
+    budget_kw = SMOKE_BUDGET if smoke else BUDGET
+    metrics, attacked = {}, {}
+    for s in seeds:
+        folder = seed_dir(out, s, len(seeds))
+        metrics[s] = read_json(os.path.join(folder, "metrics.json"))
+        models = {label: os.path.join(folder, "models", f"{label}.safetensors") for label in rows}
+        if s in retrain:
+            models = {"retrain": retrain[s], **models}
+        for label, path in models.items():
+            attacked.setdefault(label, {})[s] = attack_cached(
+                label,
+                s,
+                path,
+                Budget(**budget_kw, seed=s),
+                os.path.join(out, "attacks"),
+                classifier,
+                data,
+                FORGET_CLASS,
+                ATTACKS,
+                legacy=False,
+            )
+    per_seed = per_seed_figures(metrics, attacked, Budget(**budget_kw))
+    summary = summarise(per_seed)
+    return {
+        "config": config,
+        "data": cfg["data"],
+        "forget_class": FORGET_CLASS,
+        "seeds": seeds,
+        "rows": {label: [method, hp_] for label, (method, hp_) in rows.items()},
+        "hp": list(cfg["hp"]),
+        "code_commit": _commit(),
+        "demo_command": command(config + ("_smoke" if smoke else ""), dict(cfg, seed=0), work),
+        "work": out,
+        "unlearning": {"steps": cfg.get("steps", 300), "batch_size": cfg.get("batch_size", 64), "lr": 1e-4},
+        "attacks": list(ATTACKS),
+        "attack_budget": {**dataclasses.asdict(Budget(**budget_kw)), "seed": "= unlearning seed"},
+        "retrain_files": {str(s): os.path.basename(p) for s, p in retrain.items()},
+        "retrain_note": shared_retrain_note(retrain),
+        "per_seed": per_seed,
+        "summary": summary,
+        "goal": goal(summary),
+    }
+
+
+def per_seed_figures(metrics: dict[int, dict], attacked: dict[str, dict[int, dict]], budget) -> dict:
+    """{label: {seed: figures}}: the demo's utility metrics, the attack figures
+    (:func:`benchmarks.robustness.flatten`) and the cost ratios to EraseDiff's on the same seed."""
+    from .robustness import flatten
+
+    out: dict[str, dict[str, dict]] = {}
+    for label, per in attacked.items():
+        for s, record in per.items():
+            m = metrics[s].get(label, {})
+            figures = {k: m[k] for k in UTILITY if k in m and "failed" not in m}
+            attack = flatten(record["results"], budget)
+            figures |= {k: attack[k] for k in ("relearn_steps", "relearn_auc") if k in attack}
+            figures |= {k: attack[k] for k in ("inversion_p_forget", "benign_p_forget") if k in attack}
+            ref = metrics[s].get("erasediff", {})
+            if label != "retrain":  # the reference models have no unlearning stage
+                cost, ref_cost = _cost(m), _cost(ref)
+                if cost is not None and ref_cost:
+                    figures["time_ratio"] = cost / ref_cost
+                if m.get("peak_mem_mb") is not None and ref.get("peak_mem_mb"):
+                    figures["memory_ratio"] = m["peak_mem_mb"] / ref["peak_mem_mb"]
+            out.setdefault(label, {})[str(s)] = figures
+    return out
+
+
+def _cost(m: dict) -> float | None:
+    """Unlearning time: the loop plus one-off preparation (mask, Fisher, replay samples)."""
+    return None if "time_s" not in m else m["time_s"] + (m.get("prep_s") or 0.0)
+
+
+def summarise(per_seed: dict[str, dict[str, dict]]) -> dict[str, dict]:
+    """{label: {figure: {mean, ci95 (95% Student-t half-width over seeds; None for one seed), values}}}."""
+    out = {}
+    for label, per in per_seed.items():
+        out[label] = {}
+        for key, _, _ in FIGURES:
+            values = [f[key] for f in per.values() if key in f]
+            if values:
+                mean, half = mean_ci95(values)
+                out[label][key] = {"mean": mean, "ci95": half, "values": values}
+    return out
+
+
+def _interval(figure: dict) -> tuple[float, float]:
+    half = figure["ci95"] or 0.0
+    return figure["mean"] - half, figure["mean"] + half
+
+
+# The goal's criteria: (figure, test(row's mean, Retrain's interval low, high), what a failure means)
+CRITERIA = (
+    ("relearn_steps", lambda m, lo, hi: m >= lo, "relearn steps below Retrain's interval"),
+    ("inversion_p_forget", lambda m, lo, hi: m <= hi, "inversion P above Retrain's"),
+    ("benign_p_forget", lambda m, lo, hi: m <= hi, "benign P above Retrain's"),
+    ("remaining_accuracy", lambda m, lo, hi: lo <= m <= hi, "remaining accuracy outside Retrain's"),
+    ("fid", lambda m, lo, hi: lo <= m <= hi, "FID outside Retrain's"),
+    ("time_ratio", lambda m, lo, hi: m <= MAX_TIME_RATIO, f"time > {MAX_TIME_RATIO:g}× EraseDiff's"),
+)
+
+
+def goal(summary: dict[str, dict]) -> dict[str, dict]:
+    """Issue 18's goal per row against Retrain's 95% intervals (a single seed: its value): relearning
+    steps not below Retrain's interval, inversion and benign P not above it, remaining accuracy and FID
+    inside it, unlearning time ≤ :data:`MAX_TIME_RATIO` × EraseDiff's. {label: {"as_deep_as_retrain":
+    bool, "fails": [criterion, ...], "missing": [figure, ...]}}; no verdict without a Retrain row."""
+    reference = summary.get("retrain")
+    if reference is None:
+        return {}
+    out = {}
+    for label, figures in summary.items():
+        if label == "retrain":
+            continue
+        fails, missing = [], []
+        for key, test, text in CRITERIA:
+            bounds = _interval(reference[key]) if key in reference else None
+            if key not in figures or (bounds is None and key != "time_ratio"):
+                missing.append(key)
+            elif not test(figures[key]["mean"], *(bounds or (None, None))):
+                fails.append(text)
+        out[label] = {"as_deep_as_retrain": not fails and not missing, "fails": fails, "missing": missing}
+    return out
+
+
+def _cell(figure: dict | None, fmt: str) -> str:
+    if figure is None:
+        return "–"
+    half = "" if figure["ci95"] is None else " ± " + fmt.format(figure["ci95"])
+    return fmt.format(figure["mean"]) + half
+
+
+def markdown(result: dict, image: str | None = None) -> str:
+    """The item's table (mean ± 95% half-width over seeds), the goal verdicts and the frontier plot."""
+    lines = [
+        "| Row | " + " | ".join(title for _, title, _ in FIGURES) + " |",
+        "|---|" + "---:|" * len(FIGURES),
+    ]
+    for label, figures in result["summary"].items():
+        cells = [_cell(figures.get(key), fmt) for key, _, fmt in FIGURES]
+        method, hp = result["rows"].get(label, ("retrain", {}))
+        name = "Retrain" if label == "retrain" else f"{label} ({method}{' ' + str(hp) if hp else ''})"
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for label, verdict in result["goal"].items():
+        why = verdict["fails"] + [f"no {k}" for k in verdict["missing"]]
+        yes = "yes" if verdict["as_deep_as_retrain"] else f"no ({'; '.join(why)})"
+        lines.append(f"- {label}: as deep as Retrain: {yes}.")
+    if not result["goal"]:
+        lines.append("- No Retrain model ships for this data set and class: no goal verdict.")
+    files = ", ".join(f"seed {s}: `{f}`" for s, f in result["retrain_files"].items())
+    lines.append(
+        f"- Retrain models: {files}." + (f" {result['retrain_note']}" if result["retrain_note"] else "")
+    )
+    if image:
+        lines += ["", f"![{result['config']} frontier]({image})"]
+    return "\n".join(lines) + "\n"
+
+
+def frontier_plot(result: dict, path: str) -> None:
+    """PNG: x = unlearning time / EraseDiff's, y = relearning steps to P ≥ 0.5 (mean ± 95% half-width over
+    seeds), one marker per row; Retrain's interval as a horizontal band. Written atomically."""
+    from matplotlib.figure import Figure
+
+    from constrained_opt.diffusion.runtime.io import atomic_path
+
+    summary = result["summary"]
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
+    if "retrain" in summary and "relearn_steps" in summary["retrain"]:
+        lo, hi = _interval(summary["retrain"]["relearn_steps"])
+        ax.axhspan(lo, max(hi, lo + 0.5), color="tab:green", alpha=0.2, label="Retrain (95% interval)")
+    for label, figures in summary.items():
+        if label == "retrain" or "time_ratio" not in figures or "relearn_steps" not in figures:
+            continue
+        x, y = figures["time_ratio"], figures["relearn_steps"]
+        ax.errorbar(
+            x["mean"], y["mean"], xerr=x["ci95"] or 0, yerr=y["ci95"] or 0, fmt="o", capsize=3, label=label
+        )
+    b = result["attack_budget"]
+    ceiling = b["relearn_steps"] + b["probe_every"]
+    ax.axhline(ceiling, color="gray", ls=":", lw=0.8, label=f"never reached in {b['relearn_steps']} steps")
+    ax.axvline(MAX_TIME_RATIO, color="gray", ls="--", lw=0.8, label=f"{MAX_TIME_RATIO:g}× EraseDiff's time")
+    ax.set_xlabel("unlearning time / plain EraseDiff's")
+    ax.set_ylabel("relearning steps to P(y=c_f) ≥ 0.5")
+    ax.set_title(f"{result['data']}: depth against cost (forget class {result['forget_class']})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def update_doc(result: dict, command: str, item: str, path: str = DOC) -> None:
+    """Write the frontier plot ``docs/img/<item>.png`` and replace the text between ``item``'s markers in
+    docs/robustness.md with the table, the verdicts and the plot."""
+    from constrained_opt.diffusion.runtime.io import write_text
+
+    begin, end = f"<!-- {item}:begin -->", f"<!-- {item}:end -->"
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{path} has no {begin} … {end} block: add the markers where the table goes")
+    frontier_plot(result, os.path.join(os.path.dirname(path), "img", f"{item}.png"))
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    source = (
+        f"*Generated from `benchmarks/results/{item}.json`, written by `{command}`; its demo stage: "
+        f"`{result['demo_command']}`.*"
+    )
+    block = f"{begin}\n{source}\n\n{markdown(result, f'img/{item}.png')}{end}"
+    write_text(path, head + block + tail)
