@@ -110,7 +110,7 @@ class SDJob:
                 "--concept or --forget-class per run"
             )
         rows = max(groups, 1) * (1 + len(self.robust))
-        if rows > MAX_CONSTRAINTS:  # a plain row and one per robust form, per concept
+        if self.robust and rows > MAX_CONSTRAINTS:  # a plain row and one per robust form, per concept
             raise UsageError(
                 f"{max(groups, 1)} concept(s) × (1 plain + {len(self.robust)} robust rows) make {rows} "
                 f"constraints, and the optimizer's exact solver takes at most {MAX_CONSTRAINTS}: give fewer "
