@@ -60,9 +60,10 @@ def write_images(folder, count: int) -> str:
 
 @pytest.mark.parametrize("scope", ["full", "noxattn", "lora"])
 def test_every_form_on_every_scope(model, cache, tmp_path, monkeypatch, scope):
-    """Two steps with the three robust rows next to the plain one: each row's λ, loss and attacker loss in
-    the history; only the scope's parameters move; the text encoder, the tokenizer and the VAE leave
-    the job as they came, and the Inversion's tokens are back at x_0 after every step."""
+    """Two steps with the three robust rows next to the plain one (LoRA: relearning on a folder of images;
+    noxattn: 2 micro-batches per step): each row's λ, loss and attacker loss in the history; only the
+    scope's parameters move; the text encoder, the tokenizer and the VAE leave the job as they came,
+    and the Inversion's tokens are back at x_0 after every step."""
     seen = {}
     make_rows = sd_unlearn.robust_rows
 
@@ -83,6 +84,8 @@ def test_every_form_on_every_scope(model, cache, tmp_path, monkeypatch, scope):
     extra = ""
     if scope == "lora":  # the relearning attacker on the user's images
         extra = f"--lora-rank 2 --relearn-images {write_images(tmp_path / 'imgs', 3)}"
+    if scope == "noxattn":  # every closure and attacker is MicroBatches over 2 micro-batches
+        extra = "--gradient-accumulation-steps 2"
     cmd = f"unlearn sd --model {{}} --concept nudity --train-params {scope} {ALL} {extra} "
     cmd += "--out {} --cache-dir {}"
     assert run(cmd, model, out, cache) == 0
