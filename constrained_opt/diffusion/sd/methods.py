@@ -150,10 +150,11 @@ class EraseDiffSD:
             relearn_batch = ctx.batch(self.relearn) if self.relearn is not None else None
             retain_parts.append(lambda br=br: denoising_loss(ctx.eps, br))
             for name, (b, y) in self.per_concept(bf, target).items():
-                if self.robust is None:
-                    part = lambda b=b, y=y: forget_loss(ctx.eps, b, y)  # noqa: E731
-                else:
-                    part = self.robust[name].parts(b, y, relearn_batch)
+                part = (
+                    self.robust[name].parts(b, y, relearn_batch)
+                    if self.robust is not None
+                    else lambda b=b, y=y: forget_loss(ctx.eps, b, y)
+                )
                 forget_parts.setdefault(name, []).append(part)
 
         def closure(parts):
