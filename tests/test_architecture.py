@@ -31,7 +31,7 @@ LAYERS = (
         "sd.job",
     ),
     ("evaluation", "sd.evaluate"),
-    ("methods", "sd.methods"),
+    ("methods", "sd.methods", "sd.robust"),
     ("attacks",),
     ("jobs",),
     ("cli",),

@@ -48,6 +48,27 @@ class RowReplaced(torch.nn.Module):
         return torch.where((ids == self.label).unsqueeze(-1), self.vector.to(rows), rows)
 
 
+class AppendedEmbedding(torch.nn.Module):
+    """An ``nn.Embedding`` with rows appended: index ``first + i`` reads ``extra()[i]``, others the table.
+
+    ``extra`` is called on every forward pass, so the rows may be a function of attack variables
+    (e = wᵀE for the mixture). The original table is kept as a submodule and read, never copied or
+    written. ``first`` defaults to the table size; a tokenizer whose length is below its embedding
+    table's (padded vocabularies) assigns new tokens lower ids, which are redirected all the same.
+    """
+
+    def __init__(self, table: torch.nn.Embedding, extra: Callable[[], Tensor], first: int | None = None):
+        super().__init__()
+        self.table, self.extra = table, extra
+        self.first = table.num_embeddings if first is None else first
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = self.extra().to(self.table.weight)
+        is_new = (ids >= self.first).unsqueeze(-1)
+        base = self.table(ids.clamp(max=self.table.num_embeddings - 1))
+        return torch.where(is_new, rows[(ids - self.first).clamp(0, len(rows) - 1)], base)
+
+
 def unet_eps_with_row(unet, label: int, vector: Tensor) -> EpsFn:
     """ε_θ(x_t, t, c) of a class-conditional ``UNet2DModel`` with the class embedding E[label] replaced
     by ``vector`` (differentiable in both θ and ``vector``); other classes read their own rows. The

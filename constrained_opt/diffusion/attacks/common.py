@@ -1,17 +1,19 @@
 """What the attacks on DDPM and Stable Diffusion share: the DDPM attack :class:`Budget`, an embedding
-table with appended rows, the simplex projection, the bootstrap interval and the loss record."""
+table with appended rows (:class:`~constrained_opt.diffusion.losses.AppendedEmbedding`, defined in layer 2
+since the SD methods' robust rows use it too), the simplex projection, the bootstrap interval and the
+loss record."""
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from ..losses import AppendedEmbedding  # noqa: F401  (re-exported: the attacks import it from here)
 from ..runtime.errors import UsageError
 
 MIXTURE_STARTS = ("best", "uniform")
@@ -67,27 +69,6 @@ class Budget:
                     raise UsageError(f"attack budget: guidance must be ≥ 0, got {value}")
             elif not value > 0:
                 raise UsageError(f"attack budget: {f.name} must be positive, got {value}")
-
-
-class AppendedEmbedding(nn.Module):
-    """An ``nn.Embedding`` with rows appended: index ``first + i`` reads ``extra()[i]``, others the table.
-
-    ``extra`` is called on every forward pass, so the rows may be a function of attack variables
-    (e = wᵀE for the mixture). The original table is kept as a submodule and read, never copied or
-    written. ``first`` defaults to the table size; a tokenizer whose length is below its embedding
-    table's (padded vocabularies) assigns new tokens lower ids, which are redirected all the same.
-    """
-
-    def __init__(self, table: nn.Embedding, extra: Callable[[], Tensor], first: int | None = None):
-        super().__init__()
-        self.table, self.extra = table, extra
-        self.first = table.num_embeddings if first is None else first
-
-    def forward(self, ids: Tensor) -> Tensor:
-        rows = self.extra().to(self.table.weight)
-        is_new = (ids >= self.first).unsqueeze(-1)
-        base = self.table(ids.clamp(max=self.table.num_embeddings - 1))
-        return torch.where(is_new, rows[(ids - self.first).clamp(0, len(rows) - 1)], base)
 
 
 def project_simplex(v: Tensor) -> Tensor:

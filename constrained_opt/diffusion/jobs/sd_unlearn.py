@@ -26,8 +26,17 @@ from ..sd.latents import SetSpec, fingerprint, generate_set, load_set
 from ..sd.loading import load_pipeline
 from ..sd.lora import is_lora_parameter
 from ..sd.methods import ESD, Context, EraseDiffSD, SalUnSD, base_optimizer
-from ..sd.model import Denoiser, autocast, encode_prompts, is_sdxl, text_encoders
+from ..sd.model import (
+    Denoiser,
+    PrefixedPrompts,
+    PromptTable,
+    autocast,
+    encode_prompts,
+    is_sdxl,
+    text_encoders,
+)
 from ..sd.params import select_trainable
+from ..sd.robust import RobustRows, initial_tokens, row_name
 
 
 def save_unet(unet, out: str) -> str:
@@ -104,6 +113,53 @@ def trained_parameters(unet, job: SDJob, amp: torch.dtype | None) -> list[tuple[
     return [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
 
 
+def check_inversion_pipeline(pipe) -> None:
+    """``--robust inversion`` prepends token embeddings to one CLIP text encoder's input (SD 1.x/2.x)."""
+    if is_sdxl(pipe):
+        raise UsageError(
+            "--robust inversion attacks the token embeddings of one CLIP text encoder (SD 1.x/2.x); SDXL's "
+            "two encoders are not supported: drop inversion from --robust"
+        )
+    if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
+        raise UsageError(
+            "--robust inversion needs the pipeline's text encoder and tokenizer, and this pipeline has "
+            "none: load a full pipeline or drop inversion from --robust"
+        )
+
+
+def relearn_latents(pipe, job: SDJob, table: PromptTable) -> ImageData:
+    """The relearning attacker's images (``--relearn-images``): every image of the folder, resized and
+    centre-cropped to the job's resolution and VAE-encoded once; image i is paired with the forget
+    prompt i mod P."""
+    from ..attacks.sd import encode_images
+    from ..sd.evaluate import list_images
+
+    paths = [e["path"] for e in list_images(job.relearn_images)]
+    if not paths:
+        raise UsageError(f"--relearn-images: no images in {job.relearn_images}")
+    prompts = job.task.generation_prompts()
+    rows = torch.tensor([table.ids[p] for p in prompts])[torch.arange(len(paths)) % len(prompts)]
+    latents = encode_images(pipe, paths, job.resolution)
+    return ImageData(latents, rows, len(table.ids), f"relearn:{job.relearn_images}")
+
+
+def robust_rows(pipe, ctx: Context) -> dict[str, RobustRows]:
+    """Each concept's :class:`RobustRows` (keyed like ``EraseDiffSD.per_concept``). For inversion, its own
+    adversarial tokens x_0 (K random vocabulary tokens, seed ``job.seed``) and prompt encoder."""
+    job, task = ctx.job, ctx.job.task
+    concepts = dict(zip(task.group_names, task.groups, strict=True)) if task.groups else {"": task.forget}
+    generator = torch.Generator().manual_seed(job.seed)
+    out = {}
+    for name, prompts in concepts.items():
+        vector = eps_prefixed = None
+        if "inversion" in job.robust:
+            embedding = pipe.text_encoder.get_input_embeddings()
+            vector = initial_tokens(embedding, len(pipe.tokenizer), job.inversion_tokens, generator)
+            eps_prefixed = ctx.eps.conditioned(PrefixedPrompts(pipe, prompts, ctx.table, vector))
+        out[name] = RobustRows(job, ctx.eps, vector, eps_prefixed)
+    return out
+
+
 def make_accelerator(job: SDJob, device: torch.device):
     """The run's ``accelerate.Accelerator``: it prepares the UNet (DDP under ``accelerate launch``) and the
     optimizers, and under fp16 on an accelerator it owns the GradScaler (on the CPU accelerate has none
@@ -159,6 +215,8 @@ def unlearn_sd(job: SDJob) -> dict:
     unet = pipe.unet
     if job.lora:  # before the data sets are generated
         check_lora_rank(unet, job.lora_target, job.lora_rank)
+    if "inversion" in job.robust:
+        check_inversion_pipeline(pipe)
     factor = pipe.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
     native = unet.config.sample_size * pipe.vae_scale_factor
     job = dataclasses.replace(job, resolution=job.resolution or native)
@@ -172,6 +230,7 @@ def unlearn_sd(job: SDJob) -> dict:
     task = job.task
     prompts = list(dict.fromkeys([*task.forget, *task.retain, *task.anchors, ""]))
     table = encode_prompts(pipe, prompts, device, job.resolution)
+    relearn_data = relearn_latents(pipe, job, table) if job.relearn_images is not None else None
 
     data: dict[str, ImageData] = {}
     set_dirs: dict[str, str] = {}
@@ -215,8 +274,10 @@ def unlearn_sd(job: SDJob) -> dict:
     if job.method == "esd" and not job.lora:  # with an adapter, ε* is the UNet with the adapter off
         frozen = copy.deepcopy(unet).requires_grad_(False).eval()
     named = trained_parameters(unet, job, amp)
-    if device.type == "cuda":  # the VAE and text encoders are not needed while training
-        for name in ("vae", *text_encoders(pipe)):
+    if "inversion" in job.robust:  # the adversarial tokens go through the frozen text encoder each step
+        pipe.text_encoder.requires_grad_(False)
+    if device.type == "cuda":  # the VAE and text encoders are not needed while training (inversion: VAE)
+        for name in ("vae", *([] if "inversion" in job.robust else text_encoders(pipe))):
             getattr(pipe, name).to("cpu")
     if job.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -251,7 +312,11 @@ def unlearn_sd(job: SDJob) -> dict:
     with meter:
         t0 = time.perf_counter()
         if job.method == "erasediff":
-            method = EraseDiffSD(ctx)
+            robust = robust_rows(pipe, ctx) if job.robust else None
+            relearn = None
+            if relearn_data is not None:
+                relearn = BatchSampler(relearn_data, job.batch_size, job.seed + 2 * state.process_index + 7)
+            method = EraseDiffSD(ctx, robust, relearn)
         elif job.method == "salun":
             method = SalUnSD(ctx, data["forget"])
         else:
@@ -284,6 +349,11 @@ def unlearn_sd(job: SDJob) -> dict:
         "retain_prompts": list(task.retain),
         "anchors": list(task.anchors),
         "constraints": {name: list(g) for name, g in zip(task.group_names, task.groups, strict=True)},
+        "robust_rows": [
+            row_name(c, form) for c in (task.group_names or ("",)) for form in (None, *job.robust)
+        ]
+        if job.robust
+        else [],
         "trained_parameters": sum(p.numel() for p in ctx.params),
         "total_parameters": sum(p.numel() for n, p in unet.named_parameters() if not is_lora_parameter(n)),
         "time_s": time_s,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,25 @@ MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZERS = ("adam", "adam8bit")
 DEFAULT_BATCH = {"erasediff": 16, "esd": 1, "salun": 8}
 ESD_STEPS = 1000
+ROBUST_FORMS = ("relearn", "sharpness", "inversion")
+INVERSION_NORMS = {"2": 2, "inf": math.inf}
+
+
+def parse_robust(text: str) -> tuple[str, ...]:
+    """``"relearn,inversion"`` → ``("relearn", "inversion")``; an unknown, repeated or empty form raises."""
+    forms = tuple(f.strip() for f in text.split(","))
+    check_forms(forms)
+    return forms
+
+
+def check_forms(forms: tuple[str, ...]) -> None:
+    bad = [f for f in forms if f not in ROBUST_FORMS]
+    if bad or len(set(forms)) != len(forms):
+        what = f"unknown form {bad[0]!r}" if bad else "a form given twice"
+        raise UsageError(
+            f"--robust: {what}; expected a comma list of distinct forms among {', '.join(ROBUST_FORMS)} "
+            "(e.g. --robust relearn,inversion)"
+        )
 
 
 @dataclass
@@ -49,6 +69,16 @@ class SDJob:
     start_guidance: float = 3.0
     alpha: float = 0.5
     keep: float = 0.5
+    robust: tuple[str, ...] = ()  # robust forget rows next to the plain one (EraseDiff; sd.robust)
+    relearn_steps: int = 1
+    relearn_lr: float = 1e-4
+    relearn_images: str | None = None  # None: the relearning attacker uses the step's forget batch
+    sharpness_rho: float = 0.05
+    inversion_steps: int = 30
+    inversion_lr: float = 1e-3
+    inversion_eps: float | None = None  # None: unconstrained (AdvUnlearn's); else the ε-ball's radius
+    inversion_norm: str = "inf"
+    inversion_tokens: int = 1
     gen_steps: int = 50
     gen_guidance: float = 7.5
     gen_batch_size: int = 4
@@ -78,6 +108,13 @@ class SDJob:
                 f"{groups} concepts or classes make {groups} EraseDiff constraints (one each), and the "
                 f"optimizer's exact solver takes at most {MAX_CONSTRAINTS}: give at most {MAX_CONSTRAINTS} "
                 "--concept or --forget-class per run"
+            )
+        rows = max(groups, 1) * (1 + len(self.robust))
+        if self.robust and rows > MAX_CONSTRAINTS:  # a plain row and one per robust form, per concept
+            raise UsageError(
+                f"{max(groups, 1)} concept(s) × (1 plain + {len(self.robust)} robust rows) make {rows} "
+                f"constraints, and the optimizer's exact solver takes at most {MAX_CONSTRAINTS}: give fewer "
+                "--robust forms or fewer concepts"
             )
         if groups and self.method != "esd" and min(batch, self.num_forget) < groups:
             raise UsageError(
@@ -137,7 +174,43 @@ class SDJob:
             raise UsageError(
                 f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {self.resolution}"
             )
+        self.validate_robust()
         if not 0 < self.keep <= 1:
             raise UsageError(f"SalUn --keep must be in (0, 1], got {self.keep}")
         if self.grid_prompts is not None and not all(p.strip() for p in self.grid_prompts):
             raise UsageError("--grid-prompt must be a non-empty prompt")
+
+    def validate_robust(self) -> None:
+        check_forms(tuple(self.robust))
+        if self.robust and self.method != "erasediff":
+            raise UsageError(
+                f"--robust adds constraint rows to EraseDiff's optimizer; --method {self.method} trains with "
+                "a plain optimizer and has none: use --method erasediff"
+            )
+        if self.relearn_images is not None:
+            if "relearn" not in self.robust:
+                raise UsageError(
+                    "--relearn-images are the relearning attacker's images: add relearn to --robust"
+                )
+            if self.task.groups:
+                raise UsageError(
+                    "--relearn-images serves one concept; with several concepts the relearning attacker "
+                    "uses each concept's rows of the forget batch (leave --relearn-images out)"
+                )
+            if not os.path.isdir(self.relearn_images):
+                raise UsageError(f"--relearn-images: image folder not found: {self.relearn_images}")
+        for name in ("relearn_steps", "inversion_steps", "inversion_tokens"):
+            if getattr(self, name) < 1:
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(f"{flag} must be a positive integer, got {getattr(self, name)}")
+        for name in ("relearn_lr", "sharpness_rho", "inversion_lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        radius = self.inversion_eps
+        if radius is not None and not (math.isfinite(radius) and radius > 0):
+            raise UsageError(f"--inversion-eps must be a finite number > 0, got {radius}")
+        if self.inversion_norm not in INVERSION_NORMS:
+            raise UsageError(
+                f"--inversion-norm must be one of {', '.join(INVERSION_NORMS)}, got {self.inversion_norm!r}"
+            )

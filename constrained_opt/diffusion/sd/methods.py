@@ -33,6 +33,7 @@ from ..losses import denoising_loss, forget_loss, saliency_mask
 from ..runtime.errors import UsageError
 from .job import SDJob
 from .model import Denoiser, PromptTable, noised
+from .robust import RobustRows
 
 
 def base_optimizer(name: str):
@@ -109,11 +110,15 @@ class Context:
 
 
 class EraseDiffSD:
-    def __init__(self, ctx: Context):
+    """EraseDiff through the constrained optimizer. ``robust`` (``--robust``): each concept's
+    :class:`~.robust.RobustRows`, keyed like :meth:`per_concept`; ``relearn``: the sampler of the
+    relearning attacker's own images (``--relearn-images``), else it uses the forget batch."""
+
+    def __init__(self, ctx: Context, robust: dict[str, RobustRows] | None = None, relearn=None):
         from constrained_opt import ValueFunctionBilevelOptimizer
 
         j = ctx.job
-        self.ctx = ctx
+        self.ctx, self.robust, self.relearn = ctx, robust, relearn
         optimizer = ValueFunctionBilevelOptimizer(
             ctx.params,
             base_optimizer=base_optimizer(j.optimizer),
@@ -132,7 +137,8 @@ class EraseDiffSD:
         gradient accumulation each closure is ``MicroBatches`` over that many micro-batches, fixed for
         the step (the inner loop evaluates the forget loss at θ and φ^k on the same data). With several
         concepts the forget closures are ``{concept: L_f on its rows of the stratified batch}``, one
-        constraint each."""
+        constraint each; with robust rows each concept adds one row per form (:mod:`.robust`), and the
+        stats hold every row's λ, forget loss and last attacker loss."""
         from constrained_opt import Closures, MicroBatches
 
         ctx, n = self.ctx, self.ctx.job.gradient_accumulation_steps
@@ -141,20 +147,38 @@ class EraseDiffSD:
         for _ in range(n):
             br, bf = ctx.batch(retain), ctx.batch(forget)
             target = ctx.anchor_target(bf)
+            relearn_batch = ctx.batch(self.relearn) if self.relearn is not None else None
             retain_parts.append(lambda br=br: denoising_loss(ctx.eps, br))
             for name, (b, y) in self.per_concept(bf, target).items():
-                forget_parts.setdefault(name, []).append(lambda b=b, y=y: forget_loss(ctx.eps, b, y))
+                part = (
+                    self.robust[name].parts(b, y, relearn_batch)
+                    if self.robust is not None
+                    else lambda b=b, y=y: forget_loss(ctx.eps, b, y)
+                )
+                forget_parts.setdefault(name, []).append(part)
 
         def closure(parts):
             return parts[0] if n == 1 else MicroBatches(parts)
 
-        constraints = {k: closure(v) for k, v in forget_parts.items()}
-        self.optimizer.step(Closures(closure(retain_parts), constraints if task.groups else constraints[""]))
+        if self.robust is None:
+            constraints = {k: closure(v) for k, v in forget_parts.items()}
+            several = bool(task.groups)
+        else:
+            constraints = {}
+            for k, v in forget_parts.items():
+                constraints.update(self.robust[k].constraints(k, v, closure))
+            several = True
+        self.optimizer.step(Closures(closure(retain_parts), constraints if several else constraints[""]))
         stats = self.optimizer.optimizer.last_stats
         out = {k: v for k, v in stats.as_dict().items() if isinstance(v, float | bool)}
-        if task.groups:
-            for name, lam, loss in zip(stats.constraint_names, stats.lams, stats.forget_losses, strict=True):
+        if several:
+            rows = zip(
+                stats.constraint_names, stats.lams, stats.forget_losses, stats.attack_losses, strict=True
+            )
+            for name, lam, loss, attack in rows:
                 out[f"lam[{name}]"], out[f"forget_loss[{name}]"] = lam, loss
+                if attack:
+                    out[f"attack_loss[{name}]"] = attack[-1]
         return out
 
     def per_concept(self, bf, target) -> dict[str, tuple]:

@@ -20,12 +20,14 @@ classifier-free guidance the same formulas in v.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..losses import Noised, diffuse
+from ..losses import AppendedEmbedding, EpsFn, Noised, diffuse
+from ..runtime.errors import UsageError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -99,6 +101,59 @@ class Denoiser:
         off = adapters_disabled(self.base_only) if self.base_only is not None else contextlib.nullcontext()
         with off, autocast(self.device, self.dtype):
             return self.unet(x_t, t, **self.table.unet_kwargs(rows)).sample.float()
+
+    def conditioned(self, encode: Callable[[Tensor], Tensor]) -> EpsFn:
+        """ε_θ(x_t, t | encode(rows)): the trained UNet on hidden states computed at each call (e.g. a
+        :class:`PrefixedPrompts`) instead of the table's rows; SD 1.x/2.x, adapters on."""
+
+        def eps(x_t: Tensor, t: Tensor, rows: Tensor) -> Tensor:
+            states = encode(rows)
+            with autocast(self.device, self.dtype):
+                return self.unet(x_t, t, encoder_hidden_states=states).sample.float()
+
+        return eps
+
+
+class PrefixedPrompts:
+    """The text conditioning of ``prompts`` with K token embeddings x prepended: AdvUnlearn's ``prefix_k``
+    form of its adversarial word embedding (OPTML-Group/AdvUnlearn, ``train-scripts/utils/attack_util.py``,
+    ``construct_id``/``construct_embd``): ids = [BOS, n, …, n+K−1, the prompt's tokens, EOS, pad…] cut
+    to the tokenizer's length (the last K positions drop, as theirs do), token n+i embedded as x[i]
+    (:class:`~constrained_opt.diffusion.losses.AppendedEmbedding`, n = the token table's size), then the
+    CLIP text encoder's last hidden state, differentiable in x. ``vector`` is the caller's (K, D) tensor,
+    read at every call. The tokenizer is not touched and the encoder's weights are never written: its
+    token-embedding module is swapped for the duration of each call only. SD 1.x/2.x (one CLIP encoder);
+    the pooled output, which these UNets do not read, is not meaningful with the new ids."""
+
+    def __init__(self, pipe, prompts: Sequence[str], table: PromptTable, vector: Tensor):
+        tok, encoder = pipe.tokenizer, pipe.text_encoder
+        self.encoder, self.embedding, self.vector = encoder, encoder.get_input_embeddings(), vector
+        k, n = len(vector), self.embedding.num_embeddings
+        length = tok.model_max_length
+        if not 1 <= k <= length - 2:
+            raise UsageError(f"--inversion-tokens must be in [1, {length - 2}] for this tokenizer, got {k}")
+        ids = tok(
+            list(prompts), padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+        ).input_ids
+        new = torch.arange(n, n + k).expand(len(ids), k)
+        self.ids = torch.cat([ids[:, :1], new, ids[:, 1 : length - k]], 1).to(encoder.device)
+        index = torch.full((len(table.ids),), -1, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            index[table.ids[p]] = i
+        self.index = index.to(table.device)
+        self.appended = AppendedEmbedding(self.embedding, lambda: self.vector, n)
+
+    def __call__(self, rows: Tensor) -> Tensor:
+        """``encoder_hidden_states`` (B, L, D) for table rows of the prompts (one encoder pass over them)."""
+        pick = self.index[rows.to(self.index.device)]
+        if (pick < 0).any():
+            raise ValueError("PrefixedPrompts got a table row that is not one of its prompts")
+        self.encoder.set_input_embeddings(self.appended)
+        try:
+            states = self.encoder(self.ids)[0]
+        finally:
+            self.encoder.set_input_embeddings(self.embedding)
+        return states[pick.to(states.device)].float()
 
 
 def noised(scheduler, z0: Tensor, rows: Tensor, generator: torch.Generator) -> Noised:
