@@ -38,6 +38,7 @@ ITEMS = (
     "robustness_published",
     "deep_erasure_digits",
     "deep_erasure_mnist5k",
+    "deep_sweep_digits",
 )
 SLOW = (
     "unlearning",  # its earlier result measured the superseded SalUn/SA; not rerun (CPU hours)
@@ -54,6 +55,7 @@ SLOW = (
     "robustness_published",
     "deep_erasure_digits",
     "deep_erasure_mnist5k",
+    "deep_sweep_digits",
 )
 DEFAULT = tuple(item for item in ITEMS if item not in SLOW)
 # items sharing a module
@@ -67,6 +69,7 @@ MODULE = {
     "robustness_published": "robustness",
     "deep_erasure_digits": "deep_erasure",
     "deep_erasure_mnist5k": "deep_erasure",
+    "deep_sweep_digits": "deep_erasure",
 }
 
 

@@ -445,6 +445,7 @@ SECTIONS = {
     "release_loop": _comparison,
     "deep_erasure_digits": _deep_erasure,
     "deep_erasure_mnist5k": _deep_erasure,
+    "deep_sweep_digits": _deep_erasure,
 }
 
 
