@@ -37,11 +37,10 @@ SEEDS = 3
 # Methods are resolved when the item runs, so rows may name methods that other branches register.
 ROWS: dict[str, tuple[str, dict]] = {
     "erasediff": ("erasediff", {}),
-    "erasediff_relearn_a": ("erasediff", {"robust": "relearn", "relearn_lr": 1.0}),
     "moo": ("moo", {}),
-    "salun": ("salun", {}),
     "meta_unlearning": ("meta_unlearning", {}),
     "advunlearn": ("advunlearn", {}),
+    "salun": ("salun", {}),
 }
 ATTACKS = ("inversion", "relearn", "benign")
 BUDGET = dict(relearn_steps=100, probe_every=2)  # the rest: Budget's defaults
