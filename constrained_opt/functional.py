@@ -462,8 +462,7 @@ def clip_scale(products: DirectionProducts, max_norm: float | None) -> Tensor:
     """s = min(1, max_norm / ‖δ‖): scaling (c_r, c_f) by s clips δ to ‖δ‖ ≤ max_norm for free."""
     if max_norm is None:
         return torch.ones_like(products.sq_norm)
-    norm = torch.sqrt(products.sq_norm)
-    return torch.clamp_max(max_norm / torch.clamp_min(norm, torch.finfo(norm.dtype).tiny), 1.0)
+    return norm_clip_scale(products.sq_norm, max_norm)
 
 
 # ------------------------------------------------ the adversaries' steps (constrained_opt.robust)
@@ -472,6 +471,12 @@ def sharpness_scale(sq_norm: Tensor, rho: float) -> Tensor:
     norm = torch.sqrt(sq_norm)
     positive = norm > 0
     return torch.where(positive, rho / torch.where(positive, norm, torch.ones_like(norm)), 0.0)
+
+
+def norm_clip_scale(sq_norm: Tensor, max_norm: float) -> Tensor:
+    """min(1, c/‖g‖) from ‖g‖²: g scaled by it has norm ≤ c (a relearning attacker's gradient clip)."""
+    norm = torch.sqrt(sq_norm)
+    return torch.clamp_max(max_norm / torch.clamp_min(norm, torch.finfo(norm.dtype).tiny), 1.0)
 
 
 def steepest_ascent(grad: Tensor, norm: float) -> Tensor:

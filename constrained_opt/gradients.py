@@ -102,30 +102,43 @@ def _flags(state: StepState) -> list[Tensor] | None:
 
 
 def relearn(state: StepState, row: int, robust: Relearn, name: str, losses: list[Tensor]) -> None:
-    """θ ← θ − β∇L_a(θ), ``robust.steps`` times, each gradient in ``row``."""
+    """θ ← θ − β·s·∇L_a(θ), ``robust.steps`` times, each gradient in ``row``; s = min(1, c/‖∇L_a‖) with
+    ``max_norm`` c, else 1."""
     layout = state.layout
     lrs = [robust.lr] * layout.groups
     for j in range(robust.steps):
         at = f"at relearning step θ_{j}"
         losses.append(backward(layout, row, robust.attack, name, at, state.scaling, True, _flags(state)))
         with torch.no_grad():
+            if robust.max_norm is not None:
+                scale_row(layout, row, F.norm_clip_scale(row_sq_norm(layout, row), robust.max_norm))
             for b in layout.buckets:
                 b.descend(row, lrs)
 
 
 def sharpen(state: StepState, row: int, robust: Sharpness, name: str, losses: list[Tensor]) -> None:
-    """θ ← θ + ρ·g/‖g‖, g = ∇L_a(θ) in ``row`` (‖g‖ in fp64, over the shards of sharded buckets)."""
+    """θ ← θ + ρ·g/‖g‖, g = ∇L_a(θ) in ``row``."""
     layout = state.layout
     losses.append(backward(layout, row, robust.attacker, name, "at θ", state.scaling, True, _flags(state)))
     with torch.no_grad():
-        sq = [[F.gram_rows(b.rows[row : row + 1], torch.float64)] for b in layout.buckets]
-        if layout.sharded:
-            sum_over_shards(sq, [[b.shard_groups] for b in layout.buckets])
-        device = layout.buckets[0].rows.device
-        scale = F.sharpness_scale(sum(s.reshape(()).to(device) for (s,) in sq), robust.rho)
+        scale_row(layout, row, F.sharpness_scale(row_sq_norm(layout, row), robust.rho))
         for b in layout.buckets:
-            b.rows[row].mul_(scale.to(device=b.rows.device, dtype=b.dtype))
             b.descend(row, [-1.0] * layout.groups)
+
+
+def row_sq_norm(layout: FlatLayout, row: int) -> Tensor:
+    """‖row‖² over every trained parameter, in fp64 (the shards of sharded buckets summed)."""
+    sq = [[F.gram_rows(b.rows[row : row + 1], torch.float64)] for b in layout.buckets]
+    if layout.sharded:
+        sum_over_shards(sq, [[b.shard_groups] for b in layout.buckets])
+    device = layout.buckets[0].rows.device
+    return sum(s.reshape(()).to(device) for (s,) in sq)
+
+
+def scale_row(layout: FlatLayout, row: int, scale: Tensor) -> None:
+    """row ← scale·row in every bucket."""
+    for b in layout.buckets:
+        b.rows[row].mul_(scale.to(device=b.rows.device, dtype=b.dtype))
 
 
 def invert(state: StepState, row: int, robust: Inversion, name: str, losses: list[Tensor]) -> None:

@@ -75,6 +75,11 @@ class Relearn(Robust):
     """The relearning look-ahead: the row is ∇L_c at θ′, θ after ``steps`` gradient steps of size ``lr``
     (β) on ``attack`` (the attacker's fine-tuning loss, e.g. the plain training loss on the forget data).
 
+    ``max_norm`` c clips each step as a fine-tuning attacker clips its gradient:
+    θ_{j+1} = θ_j − β·min(1, c/‖∇L_a(θ_j)‖)·∇L_a(θ_j), so no step moves θ further than βc (``None``: no
+    clip). Without it a fixed β moves θ′ further the larger ∇L_a grows, i.e. the more the forget data
+    has been forgotten.
+
     First order (default), as Meta-Unlearning's ``src/esd_meta.py``: θ′ is a constant, the row is
     ∇L_c(θ′); cost k + 1 forward+backward passes. ``second_order=True``: the exact gradient of
     θ ↦ L_c(θ′(θ)), backpropagated through the k steps with Hessian-vector products of L_a; it replays
@@ -87,6 +92,7 @@ class Relearn(Robust):
     steps: int = 1
     lr: float = 1e-4
     second_order: bool = False
+    max_norm: float | None = None
 
     def __post_init__(self) -> None:
         _callable("Relearn's closure", self.closure)
@@ -95,6 +101,13 @@ class Relearn(Robust):
         _finite_nonneg("Relearn(lr=)", self.lr)
         if not isinstance(self.second_order, bool):
             raise SettingError(f"Relearn(second_order=) must be a bool, got {self.second_order!r}")
+        if self.max_norm is not None:
+            _finite_nonneg("Relearn(max_norm=)", self.max_norm, positive=True)
+            if self.second_order:
+                raise SettingError(
+                    "Relearn(max_norm=) clips the steps, which second_order=True does not differentiate "
+                    "through: use one or the other"
+                )
 
 
 @dataclass(eq=False)

@@ -158,6 +158,26 @@ def test_relearn_row_is_the_gradient_at_the_look_ahead(steps, second_order):
         assert (expected - first_order).norm() > 1e-3 * expected.norm()
 
 
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])
+def test_relearn_steps_clipped_to_max_norm(max_norm):
+    """θ_{j+1} = θ_j − β·min(1, c/‖∇L_a‖)∇L_a: a small c binds (each step moves βc), a large one does not."""
+    pb = Problem()
+    p = pb.theta()
+    for _ in range(2):
+        g = grad(pb.attack_fn)(p)
+        p = add(p, g, -0.3 * min(1.0, max_norm / float(norm(g))))
+    expected = pb.flat(grad(pb.forget_fn)(p))
+    relearn = Relearn(pb.forget, attack=pb.attack, steps=2, lr=0.3, max_norm=max_norm)
+    row, stats = scalarized_step(pb, relearn)
+    torch.testing.assert_close(row, expected, rtol=1e-9, atol=1e-12)
+    assert stats.forget_loss == pytest.approx(float(pb.forget_fn(p)), rel=1e-12)
+    unclipped = relearn_reference(Problem(), 2, 0.3, False)
+    if max_norm < 1:
+        assert (row - unclipped).norm() > 1e-3 * unclipped.norm()
+    else:
+        torch.testing.assert_close(row, unclipped, rtol=1e-9, atol=1e-12)
+
+
 def test_sharpness_row_is_the_gradient_at_the_worst_weight_perturbation():
     pb = Problem(1)
     expected, loss_at = sharpness_reference(pb, 0.2)
@@ -414,6 +434,14 @@ def test_a_checkpoint_round_trip_continues_the_robust_trajectory_bit_for_bit():
     [
         (lambda pb: Relearn(pb.forget, attack=pb.attack, steps=0), r"steps=\) must be an int >= 1"),
         (lambda pb: Relearn(pb.forget, attack=pb.attack, lr=-1.0), r"lr=\) must be a finite number >= 0"),
+        (
+            lambda pb: Relearn(pb.forget, attack=pb.attack, max_norm=0.0),
+            r"max_norm=\) must be a finite number > 0",
+        ),
+        (
+            lambda pb: Relearn(pb.forget, attack=pb.attack, max_norm=1.0, second_order=True),
+            r"max_norm=\) clips the steps",
+        ),
         (lambda pb: Sharpness(pb.forget, rho=float("nan")), r"rho=\) must be a finite number"),
         (lambda pb: Inversion(pb.forget, input=pb.emb, norm=1), r"norm=\) must be 2 or math.inf"),
         (lambda pb: Inversion(pb.forget, input=pb.emb, eps=0.0), r"eps=\) must be a finite number > 0"),

@@ -187,3 +187,13 @@ def test_a_run_made_before_the_robust_settings_still_resumes():
         check_resume("ckpt", saved, run_config("erasediff", 0, 10, 4, 1e-4, 0, robust), 5, "", defaults)
     with pytest.raises(UsageError, match="robust"):  # without the defaults, as before: any new key differs
         check_resume("ckpt", saved, run_config("erasediff", 0, 10, 4, 1e-4, 0, defaults), 5)
+
+
+@pytest.mark.parametrize("max_norm, expected", [(None, 1.0), (0.25, 0.25), (0.0, None)])
+def test_relearn_row_clips_its_steps_like_the_attack(max_norm, expected):
+    """relearn_max_norm (default 1, the relearning attack's clip) reaches the core's Relearn; 0 = none."""
+    hp = {} if max_norm is None else {"relearn_max_norm": max_norm}
+    m = method(robust="relearn", **hp)
+    _, forget = batches()
+    rows = m.rows.constraints(m.eps, m.diffuse(forget), torch.zeros(4, 1, 8, 8))
+    assert rows["relearn"].max_norm == expected

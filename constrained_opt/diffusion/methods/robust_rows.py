@@ -7,7 +7,8 @@ L_train(θ, e) = E‖ε − ε_θ(x_t | c_f; E[c_f] = e)‖² (the plain DDPM lo
 label):
 
 * ``relearn``: :class:`~constrained_opt.Relearn`, L_a = L_train: the row is ∇L_c(θ′), θ′ = θ after
-  ``relearn_steps`` SGD steps of size ``relearn_lr`` relearning the forget batch;
+  ``relearn_steps`` SGD steps of size ``relearn_lr`` relearning the forget batch, each gradient clipped
+  to norm ``relearn_max_norm`` (1, as the relearning attack clips; 0: no clip);
 * ``sharpness``: :class:`~constrained_opt.Sharpness` of radius ``sharpness_rho``, L_a = L_c
   (``sharpness_attack="constraint"``, SAM) or L_a = −L_train (``"relearn"``: θ′ = θ − ρ·∇L_train/‖∇L_train‖);
 * ``inversion``: :class:`~constrained_opt.Inversion` over the forget class's embedding e (a copy of
@@ -50,6 +51,7 @@ class RobustHyper(Hyper):
     keep_plain: bool = True
     relearn_steps: int = 1
     relearn_lr: float = 0.3
+    relearn_max_norm: float = 1.0
     sharpness_rho: float = 0.5
     sharpness_attack: str = "constraint"
     inversion_steps: int = 3
@@ -115,7 +117,13 @@ class RobustRows:
         rows: dict[str, Any] = {"forget": plain} if hp.keep_plain else {}
         for form in self.forms:
             if form == "relearn":
-                rows[form] = Relearn(plain, attack=relearning, steps=hp.relearn_steps, lr=hp.relearn_lr)
+                rows[form] = Relearn(
+                    plain,
+                    attack=relearning,
+                    steps=hp.relearn_steps,
+                    lr=hp.relearn_lr,
+                    max_norm=hp.relearn_max_norm or None,
+                )
             elif form == "sharpness":
                 attack = (lambda: -relearning()) if hp.sharpness_attack == "relearn" else None
                 rows[form] = Sharpness(plain, rho=hp.sharpness_rho, attack=attack)
