@@ -48,12 +48,16 @@ BUDGET = dict(relearn_steps=100, probe_every=2)  # the rest: Budget's defaults
 # each form at two strengths, weak then strong, on one class and seed; the rule (fixed before any row
 # ran) is :func:`choose_defaults`.
 SWEEP_ROWS: dict[str, tuple[str, dict]] = {
-    "relearn_0.3": ("erasediff", {"robust": "relearn", "relearn_lr": 0.3}),
-    "relearn_3": ("erasediff", {"robust": "relearn", "relearn_lr": 3.0}),
+    "relearn_0.3": ("erasediff", {"robust": "relearn", "relearn_lr": 0.3, "relearn_max_norm": 0.0}),
+    "relearn_3": ("erasediff", {"robust": "relearn", "relearn_lr": 3.0, "relearn_max_norm": 0.0}),
     "sharpness_0.3": ("erasediff", {"robust": "sharpness", "sharpness_rho": 0.3}),
     "sharpness_3": ("erasediff", {"robust": "sharpness", "sharpness_rho": 3.0}),
     "inversion_1": ("erasediff", {"robust": "inversion", "inversion_lr": 1.0}),
     "inversion_4": ("erasediff", {"robust": "inversion", "inversion_lr": 4.0}),
+    # added after the unclipped relearning rows above wrecked the model: each look-ahead step clipped
+    # to norm 1, as the relearning attack clips (Relearn(max_norm=))
+    "relearn_clip_0.3": ("erasediff", {"robust": "relearn", "relearn_lr": 0.3}),
+    "relearn_clip_1": ("erasediff", {"robust": "relearn", "relearn_lr": 1.0}),
 }
 CONFIGS = {
     "deep_erasure_digits": dict(data="digits", per_class=200),
