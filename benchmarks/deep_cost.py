@@ -11,7 +11,8 @@ between rounds scales both times alike and cancels. Reported: median_k ρ_{r,k} 
 Memory (:func:`peak_step_mb`): each row in a fresh subprocess (``python -m benchmarks.deep_cost``,
 ``OMP_NUM_THREADS=1``, every glibc block ≥ 128 KiB its own mapping as in :mod:`benchmarks.memory`):
 build, prepare, one warm-up step, then :class:`~constrained_opt.diffusion.evaluation.metrics.PeakMemory`
-around 2 steps, i.e. the peak above the post-warm-up footprint; the ratio is to EraseDiff's peak.
+around 2 steps, i.e. on CPU the peak RSS above the post-warm-up footprint (on CUDA its meter's
+``max_memory_allocated``, which also counts the tensors held before); the ratio is to EraseDiff's peak.
 
 One-off preparation (SalUn's mask, SA's Fisher) is in neither figure; deep_erasure reports the demo's
 measured ``prep_s`` beside them. :func:`measure` caches its result in a JSON file keyed by the rows and
@@ -111,10 +112,11 @@ def step_times(
 ) -> dict[str, list[float]]:
     """:func:`round_robin` over ``rows`` ({label: (method, hparams)}) built in this process."""
     unet, retain, forget, (rb, fb) = _problem(data_name, forget_class, batch_size, torch.device(device))
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
     steps = {}
     for label, (method, hp) in rows.items():
         m = _method(unet, retain, forget, forget_class, batch_size, method, hp)
-        steps[label] = lambda m=m: m.step(rb, fb)
+        steps[label] = lambda m=m: (m.step(rb, fb), sync())
     return round_robin(steps, **rr)
 
 
