@@ -13,12 +13,20 @@ steps probed every 2 steps, the other attacks at their default :class:`~.Budget`
 relearning, benign fine-tuning. The embedding mixture is left out: it found nothing on any scrubbed model
 (docs/robustness.md: P ≤ 0.04 on every run except Finetune's, which forgot nothing).
 
+Stage 3 measures the cost (:mod:`benchmarks.deep_cost`) at the item's batch size, where machine load
+cancels: ``time_ratio`` is the median over :data:`~.deep_cost.COST` rounds (R = 5) of a row's time for S = 3
+unlearning steps over plain EraseDiff's time in the same round (every row in turn, one process; min and
+max over rounds beside it); ``memory_ratio`` is the peak memory of one step (2 steps after a warm-up, a
+fresh process per row) over EraseDiff's. One-off preparation (SalUn's mask, SA's Fisher) is in neither:
+its demo time ``prep_s`` per seed is a note beside them. The per-round ratios are stored under ``"cost"``.
+The demo's own ``time_s``/``peak_mem_mb`` are not used: its rows run minutes apart under changing load.
+
 Summary per row: mean ± 95% Student-t half-width over seeds of relearning's steps to P ≥ 0.5 (censored at
 100 + 2 when never reached) and its AUC (the mean P over the attack), the inversion and benign P, the
-utility metrics, and the cost as ratios to plain EraseDiff's on the same seed (time = unlearning loop +
-one-off preparation), and the goal verdict against Retrain (:func:`goal`). Both stages resume from
-``work/<item>/``. The item writes ``<item>.json``, its block of docs/robustness.md and the frontier plot
-``docs/img/<item>.png``, except with ``--smoke`` (one seed, two rows, tiny budgets) or ``--no-docs``.
+utility metrics; the cost ratios (median, min–max over rounds); and the goal verdict against Retrain
+(:func:`goal`). All stages resume from ``work/<item>/`` (the cost from ``cost.json``). The item writes
+``<item>.json``, its block of docs/robustness.md and the frontier plot ``docs/img/<item>.png``, except
+with ``--smoke`` (one seed, two rows, tiny budgets; the cost with R = S = 1) or ``--no-docs``.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import os
 
 import torch
 
+from . import deep_cost
 from .robustness import DOC, attack_cached, mean_ci95, retrain_files
 
 FORGET_CLASS = 0
@@ -66,7 +75,7 @@ CONFIGS = {
 }
 SMOKE = dict(seeds=1, steps=2, batch_size=8, per_class=4, sampling_steps=2)
 SMOKE_ROWS = {"erasediff": ("erasediff", {}), "erasediff_value": ("erasediff", {"rule": "value"})}
-MAX_TIME_RATIO = 3.0  # the goal's cost limit: unlearning time ≤ 3 × plain EraseDiff's
+MAX_TIME_RATIO = 3.0  # the goal's cost limit: time per unlearning step ≤ 3 × plain EraseDiff's
 # (figure key, column title, format); "↑"/"↓": which way is deeper or better
 FIGURES = (
     ("p_forget", "P no attack ↓", "{:.3f}"),
@@ -78,8 +87,8 @@ FIGURES = (
     ("fid", "FID ↓", "{:.3f}"),
     ("precision", "Precision ↑", "{:.3f}"),
     ("recall", "Recall ↑", "{:.3f}"),
-    ("time_ratio", "Time / EraseDiff", "{:.2f}"),
-    ("memory_ratio", "Peak mem. / EraseDiff", "{:.2f}"),
+    ("time_ratio", "Step time / EraseDiff", "{:.2f}"),
+    ("memory_ratio", "Step peak mem. / EraseDiff", "{:.2f}"),
 )
 UTILITY = ("p_forget", "remaining_accuracy", "fid", "precision", "recall")
 IMG = os.path.join(os.path.dirname(DOC), "img")
@@ -127,6 +136,7 @@ def run(
     from constrained_opt.diffusion.attacks.common import Budget
     from constrained_opt.diffusion.data import load_data
     from constrained_opt.diffusion.evaluation.generated import EvalSettings
+    from constrained_opt.diffusion.jobs.comparison import plan_runs
     from constrained_opt.diffusion.jobs.demo import demo
     from constrained_opt.diffusion.jobs.demo_seed import seed_dir
     from constrained_opt.diffusion.models import load_classifier, shared_retrain_note, shipped
@@ -190,8 +200,22 @@ def run(
                 ATTACKS,
                 legacy=False,
             )
+    runs = plan_runs(methods, variants=variants, hp=cfg["hp"])
+    cost = deep_cost.measure(
+        cfg["data"],
+        {run.label: (run.method, run.hparams) for run in runs},
+        FORGET_CLASS,
+        cfg.get("batch_size", 64),
+        device,
+        **(deep_cost.SMOKE_COST if smoke else deep_cost.COST),
+        cache=os.path.join(out, "cost.json"),
+    )
+    cost = {
+        **cost,
+        "prep_s": {label: {str(s): metrics[s].get(label, {}).get("prep_s") for s in seeds} for label in rows},
+    }
     per_seed = per_seed_figures(metrics, attacked, Budget(**budget_kw))
-    summary = summarise(per_seed)
+    summary = cost_figures(summarise(per_seed), cost)
     return {
         "config": config,
         "data": cfg["data"],
@@ -208,14 +232,15 @@ def run(
         "retrain_files": {str(s): os.path.basename(p) for s, p in retrain.items()},
         "retrain_note": shared_retrain_note(retrain),
         "per_seed": per_seed,
+        "cost": cost,
         "summary": summary,
         "goal": goal(summary),
     }
 
 
 def per_seed_figures(metrics: dict[int, dict], attacked: dict[str, dict[int, dict]], budget) -> dict:
-    """{label: {seed: figures}}: the demo's utility metrics, the attack figures
-    (:func:`benchmarks.robustness.flatten`) and the cost ratios to EraseDiff's on the same seed."""
+    """{label: {seed: figures}}: the demo's utility metrics and the attack figures
+    (:func:`benchmarks.robustness.flatten`)."""
     from .robustness import flatten
 
     out: dict[str, dict[str, dict]] = {}
@@ -226,24 +251,25 @@ def per_seed_figures(metrics: dict[int, dict], attacked: dict[str, dict[int, dic
             attack = flatten(record["results"], budget)
             figures |= {k: attack[k] for k in ("relearn_steps", "relearn_auc") if k in attack}
             figures |= {k: attack[k] for k in ("inversion_p_forget", "benign_p_forget") if k in attack}
-            ref = metrics[s].get("erasediff", {})
-            if label != "retrain":  # the reference models have no unlearning stage
-                cost, ref_cost = _cost(m), _cost(ref)
-                if cost is not None and ref_cost:
-                    figures["time_ratio"] = cost / ref_cost
-                if m.get("peak_mem_mb") is not None and ref.get("peak_mem_mb"):
-                    figures["memory_ratio"] = m["peak_mem_mb"] / ref["peak_mem_mb"]
             out.setdefault(label, {})[str(s)] = figures
     return out
 
 
-def _cost(m: dict) -> float | None:
-    """Unlearning time: the loop plus one-off preparation (mask, Fisher, replay samples)."""
-    return None if "time_s" not in m else m["time_s"] + (m.get("prep_s") or 0.0)
+def cost_figures(summary: dict[str, dict], cost: dict) -> dict[str, dict]:
+    """``summary`` with each measured row's ``time_ratio`` (:func:`~.deep_cost.spread` of its per-round
+    ratios) and ``memory_ratio`` (one measurement) from :func:`~.deep_cost.measure`'s ``cost``."""
+    out = {label: dict(figures) for label, figures in summary.items()}
+    for label, ratios in cost["time_ratio"].items():
+        figures = out.setdefault(label, {})
+        figures["time_ratio"] = deep_cost.spread(ratios)
+        if cost["memory_ratio"].get(label) is not None:
+            figures["memory_ratio"] = deep_cost.spread([cost["memory_ratio"][label]])
+    return out
 
 
 def summarise(per_seed: dict[str, dict[str, dict]]) -> dict[str, dict]:
-    """{label: {figure: {mean, ci95 (95% Student-t half-width over seeds; None for one seed), values}}}."""
+    """{label: {figure: {mean, ci95 (95% Student-t half-width over seeds; None for one seed), values}}}
+    (the cost figures come from :func:`cost_figures`)."""
     out = {}
     for label, per in per_seed.items():
         out[label] = {}
@@ -253,6 +279,11 @@ def summarise(per_seed: dict[str, dict[str, dict]]) -> dict[str, dict]:
                 mean, half = mean_ci95(values)
                 out[label][key] = {"mean": mean, "ci95": half, "values": values}
     return out
+
+
+def _centre(figure: dict) -> float:
+    """A figure's value: the median over rounds of a cost figure, else the mean over seeds."""
+    return figure["median"] if "median" in figure else figure["mean"]
 
 
 def _interval(figure: dict) -> tuple[float, float]:
@@ -274,8 +305,9 @@ CRITERIA = (
 def goal(summary: dict[str, dict]) -> dict[str, dict]:
     """Issue 18's goal per row against Retrain's 95% intervals (a single seed: its value): relearning
     steps not below Retrain's interval, inversion and benign P not above it, remaining accuracy and FID
-    inside it, unlearning time ≤ :data:`MAX_TIME_RATIO` × EraseDiff's. {label: {"as_deep_as_retrain":
-    bool, "fails": [criterion, ...], "missing": [figure, ...]}}; no verdict without a Retrain row."""
+    inside it, time per unlearning step ≤ :data:`MAX_TIME_RATIO` × EraseDiff's (median over rounds).
+    {label: {"as_deep_as_retrain": bool, "fails": [criterion, ...], "missing": [figure, ...]}}; no verdict
+    without a Retrain row."""
     reference = summary.get("retrain")
     if reference is None:
         return {}
@@ -288,7 +320,7 @@ def goal(summary: dict[str, dict]) -> dict[str, dict]:
             bounds = _interval(reference[key]) if key in reference else None
             if key not in figures or (bounds is None and key != "time_ratio"):
                 missing.append(key)
-            elif not test(figures[key]["mean"], *(bounds or (None, None))):
+            elif not test(_centre(figures[key]), *(bounds or (None, None))):
                 fails.append(text)
         out[label] = {"as_deep_as_retrain": not fails and not missing, "fails": fails, "missing": missing}
     return out
@@ -297,12 +329,15 @@ def goal(summary: dict[str, dict]) -> dict[str, dict]:
 def _cell(figure: dict | None, fmt: str) -> str:
     if figure is None:
         return "–"
+    if "median" in figure:
+        return f"{fmt.format(figure['median'])} ({fmt.format(figure['min'])}–{fmt.format(figure['max'])})"
     half = "" if figure["ci95"] is None else " ± " + fmt.format(figure["ci95"])
     return fmt.format(figure["mean"]) + half
 
 
 def markdown(result: dict, image: str | None = None) -> str:
-    """The item's table (mean ± 95% half-width over seeds), the goal verdicts and the frontier plot."""
+    """The item's table (mean ± 95% half-width over seeds; cost: median (min–max) over rounds), the
+    one-off preparation times, the goal verdicts and the frontier plot."""
     lines = [
         "| Row | " + " | ".join(title for _, title, _ in FIGURES) + " |",
         "|---|" + "---:|" * len(FIGURES),
@@ -313,6 +348,13 @@ def markdown(result: dict, image: str | None = None) -> str:
         name = "Retrain" if label == "retrain" else f"{label} ({method}{' ' + str(hp) if hp else ''})"
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
+    prep = {
+        label: [t for t in per.values() if t]
+        for label, per in result.get("cost", {}).get("prep_s", {}).items()
+    }
+    if any(prep.values()):
+        times = ", ".join(f"{label} {sum(t) / len(t):.1f} s" for label, t in prep.items() if t)
+        lines.append(f"- One-off preparation (demo, mean over seeds; not in the time ratio): {times}.")
     for label, verdict in result["goal"].items():
         why = verdict["fails"] + [f"no {k}" for k in verdict["missing"]]
         yes = "yes" if verdict["as_deep_as_retrain"] else f"no ({'; '.join(why)})"
@@ -329,8 +371,9 @@ def markdown(result: dict, image: str | None = None) -> str:
 
 
 def frontier_plot(result: dict, path: str) -> None:
-    """PNG: x = unlearning time / EraseDiff's, y = relearning steps to P ≥ 0.5 (mean ± 95% half-width over
-    seeds), one marker per row; Retrain's interval as a horizontal band. Written atomically."""
+    """PNG: x = time per unlearning step / EraseDiff's (median, min–max over rounds), y = relearning steps
+    to P ≥ 0.5 (mean ± 95% half-width over seeds), one marker per row; Retrain's interval as a horizontal
+    band. Written atomically."""
     from matplotlib.figure import Figure
 
     from constrained_opt.diffusion.runtime.io import atomic_path
@@ -345,14 +388,14 @@ def frontier_plot(result: dict, path: str) -> None:
         if label == "retrain" or "time_ratio" not in figures or "relearn_steps" not in figures:
             continue
         x, y = figures["time_ratio"], figures["relearn_steps"]
-        ax.errorbar(
-            x["mean"], y["mean"], xerr=x["ci95"] or 0, yerr=y["ci95"] or 0, fmt="o", capsize=3, label=label
-        )
+        xc = _centre(x)
+        xerr = [[xc - x["min"]], [x["max"] - xc]] if "median" in x else x["ci95"] or 0
+        ax.errorbar(xc, y["mean"], xerr=xerr, yerr=y["ci95"] or 0, fmt="o", capsize=3, label=label)
     b = result["attack_budget"]
     ceiling = b["relearn_steps"] + b["probe_every"]
     ax.axhline(ceiling, color="gray", ls=":", lw=0.8, label=f"never reached in {b['relearn_steps']} steps")
     ax.axvline(MAX_TIME_RATIO, color="gray", ls="--", lw=0.8, label=f"{MAX_TIME_RATIO:g}× EraseDiff's time")
-    ax.set_xlabel("unlearning time / plain EraseDiff's")
+    ax.set_xlabel("time per unlearning step / plain EraseDiff's")
     ax.set_ylabel("relearning steps to P(y=c_f) ≥ 0.5")
     ax.set_title(f"{result['data']}: depth against cost (forget class {result['forget_class']})", fontsize=9)
     ax.legend(fontsize=7)

@@ -218,7 +218,15 @@ def test_deep_erasure_smoke_measures_rows_and_retrain_and_plots_the_frontier(tmp
         assert 0 <= figures["relearn_auc"]["mean"] <= 1 and figures["relearn_steps"]["mean"] >= 0
         assert {"inversion_p_forget", "benign_p_forget", "fid", "remaining_accuracy"} <= set(figures)
         assert ("time_ratio" in figures) == (label != "retrain")
-    assert res["summary"]["erasediff"]["time_ratio"]["mean"] == 1.0
+    assert res["summary"]["erasediff"]["time_ratio"]["median"] == 1.0
+    assert set(res["cost"]["time_ratio"]) == {"erasediff", "erasediff_value"} and all(
+        len(r) == 1 for r in res["cost"]["time_ratio"].values()
+    )  # --smoke: 1 round
+    assert (
+        res["cost"]["memory_mb"]["erasediff"] > 0
+        and res["summary"]["erasediff"]["memory_ratio"]["median"] == 1.0
+    )
+    assert (tmp_path / "work" / "deep_erasure_digits_smoke" / "cost.json").is_file()
     assert set(res["goal"]) == {"erasediff", "erasediff_value"}
     assert list((tmp_path / "work" / "deep_erasure_digits_smoke" / "attacks").glob("*-seed0.json"))
     assert [p.read_bytes() for p in watched] == before

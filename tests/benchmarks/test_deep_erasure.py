@@ -82,29 +82,109 @@ def test_goal_checks_each_criterion_against_retrains_interval():
     assert "seeds 0, 1 share one Retrain model" in text
 
 
-def test_cost_ratios_are_per_seed_against_erasediff_and_count_preparation():
+def test_round_robin_ratios_cancel_a_load_change_between_rounds():
+    """Fake clock: a step of row r costs cost[r] × the load, and the load changes from round to round
+    (×1, ×4, ×0.5) and once within a round (a spike during one row). The per-round ratios are the cost
+    ratio whatever the load, the spike moves one round only, and the median ignores it."""
+    from benchmarks import deep_cost
+
+    cost = {"erasediff": 1.0, "robust": 2.5, "cheap": 0.5}
+    per_round, rows = 3, len(cost)
+    loads = [1.0, 4.0, 0.5, 2.0, 1.0]  # one load per round
+    now, calls, raw = [0.0], [0], {}
+
+    def step(label):
+        k = (calls[0] - rows) // (rows * per_round)  # the round (negative: warm-up)
+        load = loads[max(k, 0)] * (10.0 if (k, label) == (3, "cheap") else 1.0)  # a spike in round 3
+        now[0] += cost[label] * load
+        calls[0] += 1
+        if k >= 0:
+            raw.setdefault(label, []).append(cost[label] * load)
+
+    steps = {label: (lambda label=label: step(label)) for label in cost}
+    ratios = deep_cost.round_robin(steps, rounds=len(loads), per_round=per_round, clock=lambda: now[0])
+    assert calls[0] == rows + rows * per_round * len(loads)  # one warm-up step per row
+    assert ratios["erasediff"] == [1.0] * 5
+    assert ratios["robust"] == pytest.approx([2.5] * 5)
+    assert ratios["cheap"] == pytest.approx([0.5, 0.5, 0.5, 5.0, 0.5])
+    # the raw times move with the load: robust in round 2 (load 0.5) is faster than erasediff in round 1
+    assert raw["robust"][2 * per_round] < raw["erasediff"][1 * per_round]
+    figure = deep_cost.spread(ratios["cheap"])
+    assert (figure["median"], figure["min"], figure["max"]) == pytest.approx((0.5, 0.5, 5.0))
+    with pytest.raises(ValueError, match="'erasediff' row"):
+        deep_cost.round_robin({"robust": steps["robust"]}, rounds=1, per_round=1)
+
+
+def test_cost_figures_replace_per_seed_ratios_and_prep_is_a_note_not_in_the_ratio():
     metrics = {
         0: {
             "erasediff": {"time_s": 10.0, "peak_mem_mb": 100.0, "p_forget": 0.0},
-            "sa": {"time_s": 20.0, "prep_s": 10.0, "peak_mem_mb": 50.0, "p_forget": 0.1},
-            "retrain": {"p_forget": 0.0},
+            "salun": {"time_s": 20.0, "prep_s": 10.0, "peak_mem_mb": 50.0, "p_forget": 0.1},
         },
-        1: {"erasediff": {"time_s": 20.0, "peak_mem_mb": 0.0}, "sa": {"time_s": 20.0, "peak_mem_mb": 5.0}},
     }
     record = {"results": {"inversion": {"p_forget": 0.2}}}
-    attacked = {"sa": {0: record, 1: record}, "retrain": {0: record}}
-    per_seed = deep_erasure.per_seed_figures(metrics, attacked, None)
-    assert per_seed["sa"]["0"] == {
-        "p_forget": 0.1,
-        "inversion_p_forget": 0.2,
-        "time_ratio": 3.0,
-        "memory_ratio": 0.5,
+    per_seed = deep_erasure.per_seed_figures(metrics, {"salun": {0: record}, "retrain": {0: record}}, None)
+    assert per_seed["salun"]["0"] == {"p_forget": 0.1, "inversion_p_forget": 0.2}  # no demo-time ratios
+    cost = {
+        "time_ratio": {"erasediff": [1.0, 1.0, 1.0], "salun": [1.3, 1.1, 2.0]},
+        "memory_ratio": {"erasediff": 1.0, "salun": 1.5},
+        "prep_s": {"erasediff": {"0": 0.0}, "salun": {"0": 10.0}},
     }
-    assert per_seed["sa"]["1"]["time_ratio"] == 1.0 and "memory_ratio" not in per_seed["sa"]["1"]  # 0 MB
-    assert "time_ratio" not in per_seed["retrain"]["0"]
-    summary = deep_erasure.summarise(per_seed)
-    assert summary["sa"]["time_ratio"]["mean"] == 2.0
-    assert summary["sa"]["time_ratio"]["ci95"] == pytest.approx(12.706205)  # t₁ · sd/√2 with sd = √2
+    summary = deep_erasure.cost_figures(deep_erasure.summarise(per_seed), cost)
+    assert summary["salun"]["time_ratio"] == {
+        "median": 1.3,
+        "min": 1.1,
+        "max": 2.0,
+        "values": [1.3, 1.1, 2.0],
+    }
+    assert summary["salun"]["memory_ratio"]["median"] == 1.5 and "time_ratio" not in summary["retrain"]
+    assert summary["salun"]["inversion_p_forget"]["mean"] == 0.2
+    result = {
+        "config": "deep_erasure_digits",
+        "summary": summary,
+        "rows": {"salun": ["salun", {}]},
+        "goal": {},
+        "cost": cost,
+        "retrain_files": {},
+        "retrain_note": None,
+    }
+    text = deep_erasure.markdown(result)
+    assert "| 1.30 (1.10–2.00) | 1.50 (1.50–1.50) |" in text
+    assert "- One-off preparation (demo, mean over seeds; not in the time ratio): salun 10.0 s." in text
+    fast = {**RETRAIN, "time_ratio": deep_cost_figure(2.9, 2.0, 4.0)}
+    assert deep_erasure.goal({"retrain": RETRAIN, "fast": fast})["fast"]["fails"] == []  # the median counts
+    slow = {**RETRAIN, "time_ratio": deep_cost_figure(3.1, 1.0, 3.2)}
+    assert deep_erasure.goal({"retrain": RETRAIN, "slow": slow})["slow"]["fails"] == ["time > 3× EraseDiff's"]
+
+
+def deep_cost_figure(median: float, lo: float, hi: float) -> dict:
+    return {"median": median, "min": lo, "max": hi, "values": [lo, median, hi]}
+
+
+def test_cost_is_measured_once_per_rows_and_settings(tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
+    from benchmarks import deep_cost
+
+    calls = []
+    monkeypatch.setattr(
+        deep_cost, "step_times", lambda data, rows, *a, **k: calls.append("time") or {r: [1.0] for r in rows}
+    )
+    monkeypatch.setattr(deep_cost, "memory_mb", lambda *a: calls.append("memory") or 8.0)
+    rows = {"erasediff": ("erasediff", {}), "robust": ("erasediff", {"robust": "relearn", "relearn_lr": 0.3})}
+    path = str(tmp_path / "cost.json")
+    kw = dict(forget_class=0, batch_size=8, device="cpu", rounds=1, per_round=1, cache=path)
+    first = deep_cost.measure("digits", rows, **kw)
+    assert calls == ["time", "memory", "memory"] and first["memory_ratio"] == {
+        "erasediff": 1.0,
+        "robust": 1.0,
+    }
+    assert deep_cost.measure("digits", rows, **kw) == first and len(calls) == 3  # reused from cost.json
+    deep_cost.measure("digits", rows, **{**kw, "rounds": 2})  # other settings: measured again
+    assert len(calls) == 6
+    deep_cost.measure(
+        "digits", {**rows, "robust": ("erasediff", {"robust": "relearn"})}, **{**kw, "rounds": 2}
+    )
+    assert len(calls) == 9
 
 
 def test_items_are_registered_slow_and_write_their_block_and_plot(tmp_path):
@@ -115,7 +195,7 @@ def test_items_are_registered_slow_and_write_their_block_and_plot(tmp_path):
         assert item in ITEMS and item not in DEFAULT and MODULE[item] == "deep_erasure" and item in SECTIONS
     doc = tmp_path / "robustness.md"
     doc.write_text("a\n<!-- deep_erasure_digits:begin -->\nold\n<!-- deep_erasure_digits:end -->\nb\n")
-    deep = {"relearn_steps": figure(30, 5), "time_ratio": figure(2.0, 0.5)}
+    deep = {"relearn_steps": figure(30, 5), "time_ratio": deep_cost_figure(2.0, 1.5, 2.5)}
     result = {
         "config": "deep_erasure_digits",
         "data": "digits",
