@@ -46,6 +46,7 @@ SEEDS = 3
 # Methods are resolved when the item runs, so rows may name methods that other branches register.
 ROWS: dict[str, tuple[str, dict]] = {
     "erasediff": ("erasediff", {}),
+    "erasediff_inversion": ("erasediff", {"robust": "inversion", "inversion_lr": 1.0}),
     "moo": ("moo", {}),
     "meta_unlearning": ("meta_unlearning", {}),
     "advunlearn": ("advunlearn", {}),
@@ -335,6 +336,43 @@ def _cell(figure: dict | None, fmt: str) -> str:
     return fmt.format(figure["mean"]) + half
 
 
+SWEEP_ACCURACY, SWEEP_FID_FACTOR = 0.98, 1.5  # the sweep rule's utility condition
+
+
+def choose_defaults(result: dict) -> dict[str, dict]:
+    """The sweep rule, per robust form (rows grouped by their ``robust`` setting, in ``rows`` order = weak
+    to strong): the weakest row whose relearning steps reach Retrain's, with remaining accuracy ≥ 0.98
+    and FID ≤ 1.5 × plain EraseDiff's; else the row with the most relearning steps among those meeting
+    that utility condition; else the weakest row. {form: {"row", "why"}}."""
+    summary, rows = result["summary"], result["rows"]
+    if "retrain" not in summary or "erasediff" not in summary:
+        return {}
+    target = summary["retrain"]["relearn_steps"]["mean"]
+    fid_cap = SWEEP_FID_FACTOR * summary["erasediff"]["fid"]["mean"]
+    by_form: dict[str, list[str]] = {}
+    for label, (_, hp) in rows.items():
+        if hp.get("robust") and label in summary:
+            by_form.setdefault(hp["robust"], []).append(label)
+    out = {}
+    for form, labels in by_form.items():
+        mean = {k: {f: v["mean"] for f, v in summary[k].items()} for k in labels}
+        useful = [
+            k for k in labels if mean[k]["remaining_accuracy"] >= SWEEP_ACCURACY and mean[k]["fid"] <= fid_cap
+        ]
+        deep = [k for k in useful if mean[k]["relearn_steps"] >= target]
+        if deep:
+            out[form] = {
+                "row": deep[0],
+                "why": f"weakest whose relearning steps reach Retrain's ({target:g})",
+            }
+        elif useful:
+            best = max(useful, key=lambda k: mean[k]["relearn_steps"])
+            out[form] = {"row": best, "why": "none reaches Retrain's steps; most steps among the useful ones"}
+        else:
+            out[form] = {"row": labels[0], "why": "none meets the utility condition; the weakest"}
+    return out
+
+
 def markdown(result: dict, image: str | None = None) -> str:
     """The item's table (mean ± 95% half-width over seeds; cost: median (min–max) over rounds), the
     one-off preparation times, the goal verdicts and the frontier plot."""
@@ -361,6 +399,9 @@ def markdown(result: dict, image: str | None = None) -> str:
         lines.append(f"- {label}: as deep as Retrain: {yes}.")
     if not result["goal"]:
         lines.append("- No Retrain model ships for this data set and class: no goal verdict.")
+    if result["config"].startswith("deep_sweep"):
+        for form, choice in choose_defaults(result).items():
+            lines.append(f"- Default for `{form}` by the sweep rule: `{choice['row']}` ({choice['why']}).")
     files = ", ".join(f"seed {s}: `{f}`" for s, f in result["retrain_files"].items())
     lines.append(
         f"- Retrain models: {files}." + (f" {result['retrain_note']}" if result["retrain_note"] else "")

@@ -222,3 +222,37 @@ def test_items_are_registered_slow_and_write_their_block_and_plot(tmp_path):
     with pytest.raises(SystemExit, match="no <!-- deep_erasure_digits:begin -->"):
         deep_erasure.update_doc(result, "c", "deep_erasure_digits", str(doc))
     assert doc.read_text() == "no markers\n" and not (tmp_path / "img" / "deep_erasure_digits.png").exists()
+
+
+def test_choose_defaults_applies_the_sweep_rule():
+    """Per form, weak to strong: the weakest deep-and-useful row; else the deepest useful; else the weak."""
+    from benchmarks.deep_erasure import choose_defaults
+
+    def row(steps, acc=1.0, fid=0.3):
+        return {
+            "relearn_steps": {"mean": steps},
+            "remaining_accuracy": {"mean": acc},
+            "fid": {"mean": fid},
+        }
+
+    summary = {
+        "retrain": row(38),
+        "erasediff": row(24, fid=0.3),
+        "inv_weak": row(38, acc=0.99, fid=0.31),
+        "inv_strong": row(40),
+        "sharp_weak": row(20),
+        "sharp_strong": row(12, fid=0.2),
+        "rel_weak": row(42, acc=0.24, fid=17.9),
+        "rel_strong": row(8, acc=0.93, fid=1.5),
+    }
+    rows = {"erasediff": ("erasediff", {}), "retrain": ("retrain", {})}
+    for label, form in (("inv", "inversion"), ("sharp", "sharpness"), ("rel", "relearn")):
+        for strength in ("weak", "strong"):
+            rows[f"{label}_{strength}"] = ("erasediff", {"robust": form})
+    chosen = choose_defaults({"summary": summary, "rows": rows})
+    assert {form: c["row"] for form, c in chosen.items()} == {
+        "inversion": "inv_weak",
+        "sharpness": "sharp_weak",
+        "relearn": "rel_weak",
+    }
+    assert "utility" in chosen["relearn"]["why"] and "most steps" in chosen["sharpness"]["why"]

@@ -197,3 +197,20 @@ def test_relearn_row_clips_its_steps_like_the_attack(max_norm, expected):
     _, forget = batches()
     rows = m.rows.constraints(m.eps, m.diffuse(forget), torch.zeros(4, 1, 8, 8))
     assert rows["relearn"].max_norm == expected
+
+
+def test_a_run_records_only_the_settings_that_act():
+    """Unused forms' settings are not recorded, so changing their defaults keeps old runs resumable,
+    while a change to a setting that acts is still refused."""
+    from constrained_opt.diffusion.runtime.resume import check_resume
+
+    assert {"relearn_lr", "inversion_lr", "keep_plain"}.isdisjoint(RobustHyper().recorded())
+    recorded = RobustHyper(robust="inversion", inversion_lr=1.0).recorded()
+    assert (
+        recorded["inversion_lr"] == 1.0 and "relearn_lr" not in recorded and "sharpness_rho" not in recorded
+    )
+    old = {"method": "erasediff", "hparams": {**RobustHyper().recorded(), "inversion_lr": 0.5}}
+    check_resume("plain", old, {"method": "erasediff", "hparams": RobustHyper().recorded()})
+    saved = {"method": "erasediff", "hparams": recorded}
+    with pytest.raises(UsageError, match="inversion_lr"):
+        check_resume("inv", saved, {"method": "erasediff", "hparams": {**recorded, "inversion_lr": 4.0}})

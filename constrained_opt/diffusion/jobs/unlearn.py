@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from ..data import ImageData, load_data
 from ..evaluation.generated import EvalSettings, evaluate_unet
@@ -39,8 +39,8 @@ class UnlearnJob:
     hparams: dict | None = None
 
     def resolved_hparams(self) -> dict:
-        """Every hyperparameter the method runs with: the overrides and the defaults."""
-        return asdict(method_class(self.method).Hyper(**(self.hparams or {})))
+        """Every hyperparameter the method runs with (the overrides and the defaults) that acts."""
+        return method_class(self.method).Hyper(**(self.hparams or {})).recorded()
 
     def config(self, **inputs) -> dict:
         """The run's configuration as ``--resume`` compares it (see :mod:`.resume`)."""

@@ -57,6 +57,10 @@ class Hyper:
                 f"hyperparameter max_grad_norm must be > 0 (δ is clipped to it), got {self.max_grad_norm}"
             )
 
+    def recorded(self) -> dict[str, Any]:
+        """The hyperparameters a run records (and ``--resume`` compares): every field that acts."""
+        return dataclasses.asdict(self)
+
 
 class Method:
     """Base class: ``prepare`` once, then ``step(retain_batch, forget_batch) -> stats``."""

@@ -29,6 +29,11 @@ from .base import Hyper
 
 ROBUST_FORMS = ("relearn", "sharpness", "inversion")
 SHARPNESS_ATTACKS = ("constraint", "relearn")
+FORM_SETTINGS = {
+    "relearn": ("relearn_steps", "relearn_lr", "relearn_max_norm"),
+    "sharpness": ("sharpness_rho", "sharpness_attack"),
+    "inversion": ("inversion_steps", "inversion_lr", "inversion_eps"),
+}
 
 
 def parse_forms(text: str) -> tuple[str, ...]:
@@ -45,17 +50,19 @@ def parse_forms(text: str) -> tuple[str, ...]:
 
 @dataclass
 class RobustHyper(Hyper):
-    """The robust rows' hyperparameters (shared by EraseDiff and MOO); ``robust=""`` means none."""
+    """The robust rows' hyperparameters (shared by EraseDiff and MOO); ``robust=""`` means none. The
+    defaults of ``sharpness_rho`` and ``inversion_lr`` are those the sweep of docs/robustness.md chose
+    (item ``deep_sweep_digits``)."""
 
     robust: str = ""
     keep_plain: bool = True
     relearn_steps: int = 1
     relearn_lr: float = 0.3
     relearn_max_norm: float = 1.0
-    sharpness_rho: float = 0.5
+    sharpness_rho: float = 0.3
     sharpness_attack: str = "constraint"
     inversion_steps: int = 3
-    inversion_lr: float = 0.5
+    inversion_lr: float = 1.0
     inversion_eps: float = 0.0
 
     def __post_init__(self):
@@ -76,6 +83,14 @@ class RobustHyper(Hyper):
     @property
     def robust_forms(self) -> tuple[str, ...]:
         return parse_forms(self.robust)
+
+    def recorded(self) -> dict[str, Any]:
+        """Every field but the settings of forms not in ``robust`` (and ``keep_plain`` without forms),
+        which do not act: changing their defaults leaves a run's record, and its ``--resume``, as it was."""
+        forms = self.robust_forms
+        unused = [k for form, keys in FORM_SETTINGS.items() if form not in forms for k in keys]
+        unused += [] if forms else ["keep_plain"]
+        return {k: v for k, v in super().recorded().items() if k not in unused}
 
 
 class RobustRows:

@@ -85,7 +85,8 @@ def check_resume(
     (the note returned says so); ``None`` for a finished result, where ``steps`` must match.
     ``hp_prefix`` is how ``--hp`` names the method (``"erasediff."`` in the demo). ``hp_defaults``: the
     method's default hyperparameters; one that ``saved`` lacks (added since that run was made, e.g.
-    ``robust``) matches when it is at its default now, the behaviour of the version that made it.
+    ``robust``) matches when it is at its default now, the behaviour of the version that made it; one
+    that ``current`` does not record (it does not act) is not compared.
     """
     if not isinstance(saved, dict):
         raise UsageError(
@@ -99,6 +100,9 @@ def check_resume(
     ]
     defaults = _flatten({"hparams": json.loads(json.dumps(hp_defaults or {}))})
     keys = [k for k in keys if k in flat_saved or k not in defaults or flat_current.get(k) != defaults[k]]
+    # a hyperparameter this version does not record does not act in it (e.g. a robust form's settings
+    # when the form is off), so the value an older run recorded for it is not compared
+    keys = [k for k in keys if not (k.startswith("hparams.") and k not in flat_current)]
     if "method" in keys:  # another method's hyperparameters are not comparable
         keys = [k for k in keys if not k.startswith("hparams.")]
     note = None
