@@ -50,7 +50,6 @@ ROWS: dict[str, tuple[str, dict]] = {
     "moo": ("moo", {}),
     "meta_unlearning": ("meta_unlearning", {}),
     "advunlearn": ("advunlearn", {}),
-    "salun": ("salun", {}),
 }
 ATTACKS = ("inversion", "relearn", "benign")
 BUDGET = dict(relearn_steps=100, probe_every=2)  # the rest: Budget's defaults
@@ -65,9 +64,8 @@ SWEEP_ROWS: dict[str, tuple[str, dict]] = {
     "inversion_1": ("erasediff", {"robust": "inversion", "inversion_lr": 1.0}),
     "inversion_4": ("erasediff", {"robust": "inversion", "inversion_lr": 4.0}),
     # added after the unclipped relearning rows above wrecked the model: each look-ahead step clipped
-    # to norm 1, as the relearning attack clips (Relearn(max_norm=))
+    # to norm 1, as the relearning attack clips (Relearn(max_norm=)); the default relearn row
     "relearn_clip_0.3": ("erasediff", {"robust": "relearn", "relearn_lr": 0.3}),
-    "relearn_clip_1": ("erasediff", {"robust": "relearn", "relearn_lr": 1.0}),
 }
 CONFIGS = {
     "deep_erasure_digits": dict(data="digits", per_class=200),
