@@ -65,7 +65,8 @@ class Problem:
 
 
 def floor_step(pb: Problem, adversary: str, plain: bool, inner_steps: int, base_step: Callable) -> Callable:
-    """The hand-written step (see the module docstring); the rows are kept as autograd left them."""
+    """The hand-written step (see the module docstring); it returns the constraint rows as autograd left
+    them (lists of gradients, the plain row first)."""
     params, vector = pb.params, pb.vector
     theta = [torch.empty_like(p) for p in params]
     center = torch.empty_like(vector)
@@ -83,7 +84,7 @@ def floor_step(pb: Problem, adversary: str, plain: bool, inner_steps: int, base_
 
     moves = inner_steps > 0 or not adversary.startswith("inversion")  # θ is displaced: copy it once
 
-    def step() -> None:
+    def step() -> list[list[torch.Tensor]]:
         rows = []
         if moves:
             with torch.no_grad():
@@ -131,6 +132,7 @@ def floor_step(pb: Problem, adversary: str, plain: bool, inner_steps: int, base_
         base_step()
         for p in params:
             p.grad = None
+        return rows
 
     return step
 
