@@ -120,9 +120,10 @@ def _robust_overhead(res: dict, suffix: str) -> list[str]:
         "there, θ put back, the retain backward, one Adam step; no Gram, λ or δ, as in item 1). K = 1 runs",
         "under the `value` rule, so the plain row runs its inner loop too. Each round times both back to",
         "back (alternating order); the ratio is the median over rounds of step / floor, with its quartiles.",
-        *(["`CPU time`: the same in process CPU time, which other jobs' load disturbs less."] * cpu),
+        *(["`CPU time`: the same in process CPU time (not counting waits for a core)."] * cpu),
         "Target: ≤ 1.05. "
-        + (f"Above it by the median: {missed}." if missed else "Every row meets it by the median."),
+        + (f"Above it by the median: {missed}." if missed else "Every row meets it by the median.")
+        + (" The quartiles are the noise of single rounds on this machine." if len(rows) > 1 else ""),
         "",
         "| model | adversary | plain row | K | step / floor | quartiles |"
         + (" CPU time | quartiles |" if cpu else ""),
