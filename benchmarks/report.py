@@ -125,14 +125,15 @@ def _robust_overhead(res: dict, suffix: str) -> list[str]:
         + (f"Above it by the median: {missed}." if missed else "Every row meets it by the median.")
         + (" The quartiles are the noise of single rounds on this machine." if len(rows) > 1 else ""),
         "",
-        "| model | adversary | plain row | K | step / floor | quartiles |"
+        "| model | params | batch | adversary | plain row | K | step / floor | quartiles |"
         + (" CPU time | quartiles |" if cpu else ""),
-        "|---|---|---|---|---|---|" + ("---|---|" if cpu else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if cpu else ""),
     ]
     for r in rows:
         cpu_cells = f" {r['cpu_ratio']:.3f} | {r['cpu_ratio_q1']:.3f}–{r['cpu_ratio_q3']:.3f} |"
         out.append(
-            f"| {r['model']} | {r['adversary']} | {'yes' if r['plain_row'] else 'no'} | {r['K']} | "
+            f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['batch']} | {r['adversary']} | "
+            f"{'yes' if r['plain_row'] else 'no'} | {r['K']} | "
             f"{r['ratio']:.3f} | {r['ratio_q1']:.3f}–{r['ratio_q3']:.3f} |{cpu_cells if cpu else ''}"
         )
     return [*out, ""]
