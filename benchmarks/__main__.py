@@ -17,6 +17,7 @@ from .common import RESULTS, write_result
 
 ITEMS = (
     "step_overhead",
+    "robust_overhead",
     "projection",
     "memory",
     "unlearning",
@@ -86,8 +87,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=RESULTS, help="folder for the JSON results")
     parser.add_argument("--no-docs", action="store_true", help="write no doc (benchmarks.md, items' pages)")
-    parser.add_argument("--rounds", type=int, help="step_overhead: repetitions per configuration")
-    parser.add_argument("--cifar-ks", type=int, nargs="+", help="step_overhead: K values for the 35.7M model")
+    parser.add_argument(
+        "--rounds", type=int, help="step_overhead, robust_overhead: repetitions per configuration"
+    )
+    parser.add_argument(
+        "--cifar-ks",
+        type=int,
+        nargs="+",
+        help="step_overhead: K values for the 35.7M model; robust_overhead: run it, for these K",
+    )
     parser.add_argument(
         "--against", help="step_overhead: also time the optimizer of this git revision, in the same rounds"
     )
@@ -120,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
             if item == "step_overhead"
             else {}
         )
+        if item == "robust_overhead":
+            extra = {"rounds": args.rounds, "cifar_ks": args.cifar_ks}
         if module.__name__.endswith(".comparison"):
             extra = {"config": item, "work": args.work or "runs/benchmarks"}
         if module.__name__.endswith(".deep_erasure"):
