@@ -353,7 +353,8 @@ def choose_defaults(result: dict) -> dict[str, dict]:
             by_form.setdefault(hp["robust"], []).append(label)
     out = {}
     for form, labels in by_form.items():
-        mean = {k: {f: v["mean"] for f, v in summary[k].items()} for k in labels}
+        used = ("relearn_steps", "remaining_accuracy", "fid")
+        mean = {k: {f: summary[k][f]["mean"] for f in used} for k in labels}
         useful = [
             k for k in labels if mean[k]["remaining_accuracy"] >= SWEEP_ACCURACY and mean[k]["fid"] <= fid_cap
         ]
@@ -384,20 +385,26 @@ def markdown(result: dict, image: str | None = None) -> str:
         name = "Retrain" if label == "retrain" else f"{label} ({method}{' ' + str(hp) if hp else ''})"
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
+    per_seed_prep = result.get("cost", {}).get("prep_s", {})
     prep = {
-        label: [t for t in per.values() if t]
-        for label, per in result.get("cost", {}).get("prep_s", {}).items()
+        label: sum(t) / len(t)
+        for label, per in per_seed_prep.items()
+        if (t := [v or 0 for v in per.values()])
     }
-    if any(prep.values()):
-        times = ", ".join(f"{label} {sum(t) / len(t):.1f} s" for label, t in prep.items() if t)
+    prep = {label: t for label, t in prep.items() if t >= 0.05}  # methods that prepare (SalUn, SA)
+    if prep:
+        times = ", ".join(f"{label} {t:.1f} s" for label, t in prep.items())
         lines.append(f"- One-off preparation (demo, mean over seeds; not in the time ratio): {times}.")
-    for label, verdict in result["goal"].items():
+    one_seed = len(result.get("seeds", ())) == 1
+    if one_seed:
+        lines.append("- One seed: no goal verdict (it compares with Retrain's interval over seeds).")
+    for label, verdict in () if one_seed else result["goal"].items():
         why = verdict["fails"] + [f"no {k}" for k in verdict["missing"]]
         yes = "yes" if verdict["as_deep_as_retrain"] else f"no ({'; '.join(why)})"
         lines.append(f"- {label}: as deep as Retrain: {yes}.")
-    if not result["goal"]:
+    if not result["goal"] and not one_seed:
         lines.append("- No Retrain model ships for this data set and class: no goal verdict.")
-    if result["config"].startswith("deep_sweep"):
+    if result.get("config", "").startswith("deep_sweep"):
         for form, choice in choose_defaults(result).items():
             lines.append(f"- Default for `{form}` by the sweep rule: `{choice['row']}` ({choice['why']}).")
     files = ", ".join(f"seed {s}: `{f}`" for s, f in result["retrain_files"].items())
