@@ -47,7 +47,6 @@ SEEDS = 3
 ROWS: dict[str, tuple[str, dict]] = {
     "erasediff": ("erasediff", {}),
     "erasediff_inversion": ("erasediff", {"robust": "inversion", "inversion_lr": 1.0}),
-    "moo": ("moo", {}),
     "meta_unlearning": ("meta_unlearning", {}),
     "advunlearn": ("advunlearn", {}),
 }
