@@ -8,6 +8,9 @@ row in turn takes ``per_round`` steps ``step(retain_batch, forget_batch)`` on fi
 ρ_{r,k} = t_{r,k} / t_{erasediff,k}: the rows of one round run back to back, so a load that changes
 between rounds scales both times alike and cancels. Reported: median_k ρ_{r,k} and min_k, max_k.
 
+A method whose first ``warmup_steps`` steps differ (AdvUnlearn's unattacked warm-up) is timed in both
+phases and weighted by the run's ``run_steps`` (:func:`step_times`).
+
 Memory (:func:`peak_step_mb`): each row in a fresh subprocess (``python -m benchmarks.deep_cost``,
 ``OMP_NUM_THREADS=1``, every glibc block ≥ 128 KiB its own mapping as in :mod:`benchmarks.memory`):
 build, prepare, one warm-up step, then :class:`~constrained_opt.diffusion.evaluation.metrics.PeakMemory`
@@ -108,23 +111,47 @@ def _method(unet, retain, forget, forget_class: int, batch_size: int, method: st
 
 
 def step_times(
-    data_name: str, rows: dict[str, tuple[str, dict]], forget_class: int, batch_size: int, device, **rr
+    data_name: str,
+    rows: dict[str, tuple[str, dict]],
+    forget_class: int,
+    batch_size: int,
+    device,
+    run_steps: int = 300,
+    **rr,
 ) -> dict[str, list[float]]:
-    """:func:`round_robin` over ``rows`` ({label: (method, hparams)}) built in this process."""
+    """:func:`round_robin` over ``rows`` ({label: (method, hparams)}) built in this process.
+
+    A method whose first ``hp.warmup_steps`` steps differ from the rest (AdvUnlearn's unattacked warm-up)
+    is timed in both phases, a second copy starting past the warm-up (``taken``), and its ratio per round
+    is the run's mean over ``run_steps`` steps: (w·ρ_warm-up + (run_steps − w)·ρ_after) / run_steps."""
     unet, retain, forget, (rb, fb) = _problem(data_name, forget_class, batch_size, torch.device(device))
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
-    steps = {}
+    steps, phased = {}, {}
     for label, (method, hp) in rows.items():
         m = _method(unet, retain, forget, forget_class, batch_size, method, hp)
         steps[label] = lambda m=m: (m.step(rb, fb), sync())
-    return round_robin(steps, **rr)
+        warmup = min(getattr(m.hp, "warmup_steps", 0), run_steps)
+        if warmup and hasattr(m, "taken"):
+            after = _method(unet, retain, forget, forget_class, batch_size, method, hp)
+            after.taken = warmup
+            steps[f"{label}@after_warmup"] = lambda m=after: (m.step(rb, fb), sync())
+            phased[label] = warmup
+    ratios = round_robin(steps, **rr)
+    for label, warmup in phased.items():
+        after = ratios.pop(f"{label}@after_warmup")
+        ratios[label] = [
+            (warmup * w + (run_steps - warmup) * a) / run_steps
+            for w, a in zip(ratios[label], after, strict=True)
+        ]
+    return ratios
 
 
 def peak_step_mb(
     data_name: str, forget_class: int, batch_size: int, device: str, method: str, hp: dict
 ) -> float:
     """Peak memory (MiB) of 2 steps of ``method`` after a warm-up step, above the footprint before them
-    (run it in a fresh process: :func:`memory_mb`)."""
+    (run it in a fresh process: :func:`memory_mb`); for a method with a warm-up phase, the larger of
+    that and the same measured past the warm-up."""
     from constrained_opt.diffusion.evaluation.metrics import PeakMemory
 
     unet, retain, forget, (rb, fb) = _problem(data_name, forget_class, batch_size, torch.device(device))
@@ -133,6 +160,13 @@ def peak_step_mb(
     with PeakMemory(device) as meter:
         for _ in range(2):
             m.step(rb, fb)
+    if getattr(m.hp, "warmup_steps", 0) and hasattr(m, "taken"):  # the phase after the warm-up too
+        m.taken = max(m.taken, m.hp.warmup_steps)
+        m.step(rb, fb)
+        with PeakMemory(device) as after:
+            for _ in range(2):
+                m.step(rb, fb)
+        return max(meter.peak_mb, after.peak_mb)
     return meter.peak_mb
 
 
@@ -163,6 +197,7 @@ def measure(
     rounds: int,
     per_round: int,
     cache: str,
+    run_steps: int = 300,
 ) -> dict:
     """{settings..., "time_ratio": {label: [ρ per round]}, "memory_mb": {label: MiB},
     "memory_ratio": {label: MiB / EraseDiff's MiB}}, reused from ``cache`` (JSON) when it holds the same
@@ -181,13 +216,16 @@ def measure(
                 "device": str(device),
                 "rounds": rounds,
                 "per_round": per_round,
+                "run_steps": run_steps,
                 "rows": {label: [method, hp] for label, (method, hp) in rows.items()},
             }
         )
     )
     if os.path.isfile(cache) and read_json(cache).get("key") == key:
         return read_json(cache)
-    times = step_times(data_name, rows, forget_class, batch_size, device, rounds=rounds, per_round=per_round)
+    times = step_times(
+        data_name, rows, forget_class, batch_size, device, run_steps, rounds=rounds, per_round=per_round
+    )
     mem = {
         label: memory_mb(data_name, forget_class, batch_size, str(device), *row)
         for label, row in rows.items()

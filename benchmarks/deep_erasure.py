@@ -47,6 +47,7 @@ SEEDS = 3
 ROWS: dict[str, tuple[str, dict]] = {
     "erasediff": ("erasediff", {}),
     "erasediff_inversion": ("erasediff", {"robust": "inversion", "inversion_lr": 1.0}),
+    "moo_inversion": ("moo", {"robust": "inversion", "inversion_lr": 1.0}),
     "meta_unlearning": ("meta_unlearning", {}),
     "advunlearn": ("advunlearn", {}),
 }
@@ -207,6 +208,7 @@ def run(
         device,
         **(deep_cost.SMOKE_COST if smoke else deep_cost.COST),
         cache=os.path.join(out, "cost.json"),
+        run_steps=cfg.get("steps", 300),
     )
     cost = {
         **cost,

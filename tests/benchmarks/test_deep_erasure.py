@@ -256,3 +256,71 @@ def test_choose_defaults_applies_the_sweep_rule():
         "relearn": "rel_weak",
     }
     assert "utility" in chosen["relearn"]["why"] and "most steps" in chosen["sharpness"]["why"]
+
+
+def test_a_warm_up_phase_is_weighted_by_the_run(monkeypatch):
+    """A method whose first w steps are cheaper (AdvUnlearn's unattacked warm-up) gets the run's mean
+    ratio (w·ρ_warm-up + (S − w)·ρ_after)/S, each phase timed round-robin like the other rows."""
+    from benchmarks import deep_cost
+
+    class Fake:
+        def __init__(self, warmup):
+            self.hp = type("Hp", (), {"warmup_steps": warmup})()
+            self.taken = 0
+
+        def step(self, *batches):
+            pass
+
+    made = iter([Fake(0), Fake(100), Fake(100)])
+    monkeypatch.setattr(deep_cost, "_problem", lambda *a: (None, None, None, (None, None)))
+    monkeypatch.setattr(deep_cost, "_method", lambda *a: next(made))
+    seen = {}
+
+    def fake_round_robin(steps, rounds, per_round):
+        seen["labels"] = list(steps)
+        return {"erasediff": [1.0, 1.0], "adv": [0.5, 0.6], "adv@after_warmup": [3.5, 3.0]}
+
+    monkeypatch.setattr(deep_cost, "round_robin", fake_round_robin)
+    rows = {"erasediff": ("erasediff", {}), "adv": ("advunlearn", {})}
+    ratios = deep_cost.step_times("digits", rows, 0, 8, "cpu", 300, rounds=2, per_round=1)
+    assert seen["labels"] == ["erasediff", "adv", "adv@after_warmup"]
+    assert ratios["adv"] == pytest.approx([(100 * 0.5 + 200 * 3.5) / 300, (100 * 0.6 + 200 * 3.0) / 300])
+    assert set(ratios) == {"erasediff", "adv"}
+
+
+def test_peak_step_memory_covers_the_phase_after_a_warm_up(monkeypatch):
+    """For a method with a warm-up phase the step peak is the larger of the two phases' peaks, the
+    second measured on steps past the warm-up."""
+    from benchmarks import deep_cost
+
+    class Fake:
+        hp = type("Hp", (), {"warmup_steps": 200})()
+
+        def __init__(self):
+            self.taken, self.measured = 0, []
+
+        def step(self, *batches):
+            self.taken += 1
+            if meters and not meters[-1].done:
+                self.measured.append((len(meters), self.taken))
+
+    fake, meters = Fake(), []
+
+    class Meter:
+        def __init__(self, device):
+            self.done, self.peak_mb = False, [0.5, 2.0][len(meters)]
+            meters.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.done = True
+
+    import constrained_opt.diffusion.evaluation.metrics as metrics
+
+    monkeypatch.setattr(deep_cost, "_problem", lambda *a: (None, None, None, (None, None)))
+    monkeypatch.setattr(deep_cost, "_method", lambda *a: fake)
+    monkeypatch.setattr(metrics, "PeakMemory", Meter)
+    assert deep_cost.peak_step_mb("digits", 0, 8, "cpu", "advunlearn", {}) == 2.0
+    assert fake.measured == [(1, 2), (1, 3), (2, 202), (2, 203)]
