@@ -69,15 +69,21 @@ class AppendedEmbedding(torch.nn.Module):
         return torch.where(is_new, rows[(ids - self.first).clamp(0, len(rows) - 1)], base)
 
 
-def unet_eps_with_row(unet, label: int, vector: Tensor) -> EpsFn:
-    """ε_θ(x_t, t, c) of a class-conditional ``UNet2DModel`` with the class embedding E[label] replaced
-    by ``vector`` (differentiable in both θ and ``vector``); other classes read their own rows. The
-    UNet's ``class_embedding`` is swapped for the duration of each call only."""
+def class_table(unet) -> torch.nn.Embedding:
+    """The class-embedding table E of a class-conditional ``UNet2DModel``; :class:`UsageError` without one."""
     table = getattr(unet, "class_embedding", None)
     if not isinstance(table, torch.nn.Embedding):
         raise UsageError(
             "the model has no class-embedding table (num_class_embeds): not a class-conditional DDPM"
         )
+    return table
+
+
+def unet_eps_with_row(unet, label: int, vector: Tensor) -> EpsFn:
+    """ε_θ(x_t, t, c) of a class-conditional ``UNet2DModel`` with the class embedding E[label] replaced
+    by ``vector`` (differentiable in both θ and ``vector``); other classes read their own rows. The
+    UNet's ``class_embedding`` is swapped for the duration of each call only."""
+    table = class_table(unet)
     replaced = RowReplaced(table, label, vector)
 
     def eps(x_t: Tensor, t: Tensor, c: Tensor) -> Tensor:

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from ..data import BatchSampler, ImageData, check_class, split_forget
 from ..evaluation.metrics import classifier_probs, forget_scores
-from ..losses import denoising_loss, diffuse, unet_eps
+from ..losses import class_table, denoising_loss, diffuse, unet_eps
 from ..models import load_unet, null_class
 from ..runtime.errors import UsageError
 from ..runtime.io import read_json, write_json
@@ -64,11 +64,7 @@ RELEARN_THRESHOLD = 0.5
 def attacked_embedding(unet, extra: Callable[[], Tensor]) -> Iterator[int]:
     """Within the block, class label ``index`` (yielded) conditions ``unet`` on ``extra()[0]``, and the
     UNet's own parameters are frozen (``requires_grad=False``); both are restored on exit."""
-    table = unet.class_embedding
-    if not isinstance(table, nn.Embedding):
-        raise UsageError(
-            "the model has no class-embedding table (num_class_embeds): not a class-conditional DDPM"
-        )
+    table = class_table(unet)
     flags = [p.requires_grad for p in unet.parameters()]
     unet.requires_grad_(False)
     unet.class_embedding = AppendedEmbedding(table, extra)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..evaluation.multiclass import as_classes, class_rows
-from ..losses import Noised, denoising_loss, forget_target, unet_eps_with_row
+from ..losses import Noised, class_table, denoising_loss, forget_target, unet_eps_with_row
 from ..runtime.errors import UsageError
 from .base import Hyper, Method, check_forget_target
 
@@ -89,12 +89,7 @@ class AdvUnlearn(Method):
         self.vectors: dict[int, Tensor] | None = None  # the last c*, for attack_init=latest
 
     def table(self) -> torch.nn.Embedding:
-        table = getattr(self.s.unet, "class_embedding", None)
-        if not isinstance(table, torch.nn.Embedding):
-            raise UsageError(
-                "the model has no class-embedding table (num_class_embeds): not a class-conditional DDPM"
-            )
-        return table
+        return class_table(self.s.unet)
 
     def replaced_loss(self, b: Noised, vectors: dict[int, Tensor], target: Tensor) -> Tensor:
         """Mean over the batch of ‖ε_θ(x_t | c ↦ v_c) − target‖², each class's rows with its own vector."""

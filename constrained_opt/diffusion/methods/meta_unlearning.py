@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..data import ImageData
 from ..evaluation.multiclass import as_classes
-from ..losses import Noised, denoising_loss, forget_loss, forget_target, unet_eps
+from ..losses import Noised, class_table, denoising_loss, forget_loss, forget_target, unet_eps
 from ..runtime.errors import UsageError
 from .base import Hyper, Method, check_forget_target
 
@@ -199,11 +199,7 @@ class MetaUnlearning(Method):
 def related_classes(unet, forgotten: tuple[int, ...], num_classes: int) -> list[int]:
     """For each forget class c, argmax over retained k of cos(E[c], E[k]) on the UNet's class-embedding
     table: the class-forgetting analogue of the release's concepts related to the erased one."""
-    table = getattr(unet, "class_embedding", None)
-    if not isinstance(table, torch.nn.Embedding):
-        raise UsageError(
-            "the model has no class-embedding table (num_class_embeds): not a class-conditional DDPM"
-        )
+    table = class_table(unet)
     kept = [k for k in range(num_classes) if k not in forgotten]
     if not kept:
         raise UsageError(f"all {num_classes} classes are forgotten: meta_unlearning has no related class")

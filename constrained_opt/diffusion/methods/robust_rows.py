@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..losses import Noised, denoising_loss, forget_loss, unet_eps_with_row
+from ..losses import Noised, class_table, denoising_loss, forget_loss, unet_eps_with_row
 from ..runtime.errors import UsageError
 from .base import Hyper
 
@@ -110,11 +110,8 @@ class RobustRows:
                     "robust=inversion attacks one class embedding: it needs a single forget class, got "
                     f"{forget_class}; use relearn or sharpness for several classes"
                 )
-            table = getattr(unet, "class_embedding", None)
-            if not isinstance(table, torch.nn.Embedding):
-                raise UsageError("robust=inversion needs a class-conditional DDPM (a class-embedding table)")
             self.label = forget_class
-            self.embedding = table.weight[forget_class].detach().clone()
+            self.embedding = class_table(unet).weight[forget_class].detach().clone()
 
     def constraints(self, eps, bf: Noised, target: torch.Tensor) -> Any:
         """The step's constraint closure(s) for forget batch ``bf`` and substitute noise ``target``."""
