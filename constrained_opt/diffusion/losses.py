@@ -19,6 +19,19 @@ from .runtime.errors import UsageError
 
 EpsFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 FORGET_TARGETS = ("rl", "noise")
+# the robust forget rows both applications offer (constrained_opt.Relearn, Sharpness, Inversion)
+ROBUST_FORMS = ("relearn", "sharpness", "inversion")
+
+
+def robust_forms_error(forms: tuple[str, ...], sep: str) -> str | None:
+    """Why ``forms`` (split at ``sep``) is not a list of distinct :data:`ROBUST_FORMS`, or None when it is."""
+    bad = [f for f in forms if f not in ROBUST_FORMS]
+    if not bad and len(set(forms)) == len(forms):
+        return None
+    what = f"unknown form {bad[0]!r}" if bad else "a form given twice"
+    example = sep.join(ROBUST_FORMS[::2])
+    listed = ", ".join(ROBUST_FORMS)
+    return f"{what}; expected distinct forms among {listed} separated by {sep!r} (e.g. {example})"
 
 
 class Noised(NamedTuple):

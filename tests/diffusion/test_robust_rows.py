@@ -120,7 +120,7 @@ def test_several_forget_classes_refuse_inversion_but_take_relearn():
     "hp, message",
     [
         ({"robust": "relearn+ssam"}, "relearn, sharpness, inversion"),
-        ({"robust": "relearn+relearn"}, "each once"),
+        ({"robust": "relearn+relearn"}, "a form given twice"),
         ({"keep_plain": False}, "needs robust"),
         ({"robust": "sharpness", "sharpness_attack": "x"}, "constraint, relearn"),
         ({"robust": "relearn", "relearn_steps": 0}, "relearn_steps"),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..evaluation.multiclass import class_list
+from ..losses import robust_forms_error
 from ..methods.registry import METHODS
-from ..methods.robust_rows import ROBUST_FORMS
 from . import sd
 from .args import COUNT, POSITIVE, SEED
 from .options import add_eval, eval_settings, shipped_default
@@ -17,11 +17,9 @@ ROBUST_METHODS = ("erasediff", "moo")
 
 def robust_forms(text: str) -> str:
     """``relearn,sharpness`` → ``relearn+sharpness`` (the ``robust`` hyperparameter), checked."""
-    forms = text.split(",")
-    if any(f not in ROBUST_FORMS for f in forms) or len(set(forms)) != len(forms):
-        raise argparse.ArgumentTypeError(
-            f"expected forms among {', '.join(ROBUST_FORMS)} separated by commas, each once; got {text!r}"
-        )
+    forms = tuple(text.split(","))
+    if error := robust_forms_error(forms, ","):
+        raise argparse.ArgumentTypeError(error)
     return "+".join(forms)
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..losses import robust_forms_error
 from ..methods.registry import METHODS, PUBLISHED, parse_hparams
-from ..methods.robust_rows import ROBUST_FORMS
 from ..runtime.errors import UsageError
 
 MATCHED = "moo_matched"  # MOO with w = the mean λ of EraseDiff's run on the same seed
@@ -65,12 +65,9 @@ def plan_runs(
         if name not in METHODS and name != MATCHED:
             raise UsageError(f"unknown method {name!r}; expected some of {', '.join([*METHODS, MATCHED])}")
         specs[name] = ("moo" if name == MATCHED else name, [])
+    if error := robust_forms_error(tuple(robust), ","):
+        raise UsageError(f"--robust: {error}")
     for form in robust:
-        if form not in ROBUST_FORMS or f"erasediff_{form}" in specs:
-            raise UsageError(
-                f"--robust expects forms among {', '.join(ROBUST_FORMS)} separated by commas, each once; "
-                f"got {form!r}"
-            )
         specs[f"erasediff_{form}"] = ("erasediff", [f"robust={form}"])
     for item in variants:
         label, eq, rest = item.partition("=")

@@ -23,11 +23,17 @@ from typing import Any
 
 import torch
 
-from ..losses import Noised, class_table, denoising_loss, forget_loss, unet_eps_with_row
+from ..losses import (
+    Noised,
+    class_table,
+    denoising_loss,
+    forget_loss,
+    robust_forms_error,
+    unet_eps_with_row,
+)
 from ..runtime.errors import UsageError
 from .base import Hyper
 
-ROBUST_FORMS = ("relearn", "sharpness", "inversion")
 SHARPNESS_ATTACKS = ("constraint", "relearn")
 FORM_SETTINGS = {
     "relearn": ("relearn_steps", "relearn_lr", "relearn_max_norm"),
@@ -37,14 +43,11 @@ FORM_SETTINGS = {
 
 
 def parse_forms(text: str) -> tuple[str, ...]:
-    """``"relearn+inversion"`` → ``("relearn", "inversion")``; unknown or repeated forms raise."""
-    forms = tuple(f for f in text.split("+") if f) if text else ()
-    bad = [f for f in forms if f not in ROBUST_FORMS]
-    if bad or len(set(forms)) != len(forms) or (text and not forms):
-        raise UsageError(
-            f"robust={text!r}: expected forms among {', '.join(ROBUST_FORMS)} joined by '+', each once "
-            "(e.g. robust=relearn+inversion; empty for none)"
-        )
+    """``"relearn+inversion"`` → ``("relearn", "inversion")``, ``""`` → none; unknown or repeated forms
+    raise."""
+    forms = tuple(text.split("+")) if text else ()
+    if error := robust_forms_error(forms, "+"):
+        raise UsageError(f"robust={text!r}: {error}; empty for none")
     return forms
 
 

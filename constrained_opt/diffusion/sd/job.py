@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ...functional import MAX_CONSTRAINTS
+from ..losses import robust_forms_error
 from ..runtime.errors import UsageError
 from .params import PARAM_SETS
 from .prompts import Task
@@ -20,7 +21,6 @@ MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZERS = ("adam", "adam8bit")
 DEFAULT_BATCH = {"erasediff": 16, "esd": 1, "salun": 8}
 ESD_STEPS = 1000
-ROBUST_FORMS = ("relearn", "sharpness", "inversion")
 INVERSION_NORMS = {"2": 2, "inf": math.inf}
 
 
@@ -32,13 +32,8 @@ def parse_robust(text: str) -> tuple[str, ...]:
 
 
 def check_forms(forms: tuple[str, ...]) -> None:
-    bad = [f for f in forms if f not in ROBUST_FORMS]
-    if bad or len(set(forms)) != len(forms):
-        what = f"unknown form {bad[0]!r}" if bad else "a form given twice"
-        raise UsageError(
-            f"--robust: {what}; expected a comma list of distinct forms among {', '.join(ROBUST_FORMS)} "
-            "(e.g. --robust relearn,inversion)"
-        )
+    if error := robust_forms_error(forms, ","):
+        raise UsageError(f"--robust: {error}")
 
 
 @dataclass
