@@ -103,7 +103,8 @@ def _flags(state: StepState) -> list[Tensor] | None:
 
 def relearn(state: StepState, row: int, robust: Relearn, name: str, losses: list[Tensor]) -> None:
     """θ ← θ − β·s·∇L_a(θ), ``robust.steps`` times, each gradient in ``row``; s = min(1, c/‖∇L_a‖) with
-    ``max_norm`` c, else 1."""
+    ``max_norm`` c, else 1; with ``sign``, θ ← θ − β·sign(∇L_a(θ)) (elementwise, so shards need no
+    reduction)."""
     layout = state.layout
     lrs = [robust.lr] * layout.groups
     for j in range(robust.steps):
@@ -113,6 +114,8 @@ def relearn(state: StepState, row: int, robust: Relearn, name: str, losses: list
             if robust.max_norm is not None:
                 scale_row(layout, row, F.norm_clip_scale(row_sq_norm(layout, row), robust.max_norm))
             for b in layout.buckets:
+                if robust.sign:
+                    b.rows[row].sign_()
                 b.descend(row, lrs)
 
 

@@ -80,6 +80,11 @@ class Relearn(Robust):
     clip). Without it a fixed β moves θ′ further the larger ∇L_a grows, i.e. the more the forget data
     has been forgotten.
 
+    ``sign=True`` steps along the sign instead: θ_{j+1} = θ_j − β·sign(∇L_a(θ_j)), steepest descent in
+    ℓ∞, which is the first step of Adam from a fresh state (m̂/√v̂ = g/|g|): every weight moves by β, as
+    a fine-tuning attacker's Adam moves it by its learning rate, however large or unevenly spread ∇L_a
+    is. β is then an Adam learning rate times the steps it stands for (e.g. 10 × 1e-4).
+
     First order (default), as Meta-Unlearning's ``src/esd_meta.py``: θ′ is a constant, the row is
     ∇L_c(θ′); cost k + 1 forward+backward passes. ``second_order=True``: the exact gradient of
     θ ↦ L_c(θ′(θ)), backpropagated through the k steps with Hessian-vector products of L_a; it replays
@@ -93,14 +98,21 @@ class Relearn(Robust):
     lr: float = 1e-4
     second_order: bool = False
     max_norm: float | None = None
+    sign: bool = False
 
     def __post_init__(self) -> None:
         _callable("Relearn's closure", self.closure)
         _callable("Relearn's attack", self.attack)
         _positive_int("Relearn(steps=)", self.steps)
         _finite_nonneg("Relearn(lr=)", self.lr)
-        if not isinstance(self.second_order, bool):
-            raise SettingError(f"Relearn(second_order=) must be a bool, got {self.second_order!r}")
+        for name in ("second_order", "sign"):
+            if not isinstance(getattr(self, name), bool):
+                raise SettingError(f"Relearn({name}=) must be a bool, got {getattr(self, name)!r}")
+        if self.sign and (self.second_order or self.max_norm is not None):
+            raise SettingError(
+                "Relearn(sign=True) moves every weight by exactly lr: it has no length to clip "
+                "(max_norm=) and no derivative to carry back (second_order=True); drop those settings"
+            )
         if self.max_norm is not None:
             _finite_nonneg("Relearn(max_norm=)", self.max_norm, positive=True)
             if self.second_order:

@@ -178,6 +178,21 @@ def test_relearn_steps_clipped_to_max_norm(max_norm):
         torch.testing.assert_close(row, unclipped, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("steps", [1, 2])
+def test_relearn_sign_steps_move_every_weight_by_lr(steps):
+    """θ_{j+1} = θ_j − β·sign(∇L_a(θ_j)): the row is ∇L_c there, and it differs from the gradient step's."""
+    pb = Problem()
+    p = pb.theta()
+    for _ in range(steps):
+        p = add(p, {k: torch.sign(v) for k, v in grad(pb.attack_fn)(p).items()}, -0.05)
+    expected = pb.flat(grad(pb.forget_fn)(p))
+    row, stats = scalarized_step(pb, Relearn(pb.forget, attack=pb.attack, steps=steps, lr=0.05, sign=True))
+    torch.testing.assert_close(row, expected, rtol=1e-9, atol=1e-12)
+    assert stats.forget_loss == pytest.approx(float(pb.forget_fn(p)), rel=1e-12)
+    gradient_step = relearn_reference(Problem(), steps, 0.05, False)
+    assert (row - gradient_step).norm() > 1e-3 * gradient_step.norm()
+
+
 def test_sharpness_row_is_the_gradient_at_the_worst_weight_perturbation():
     pb = Problem(1)
     expected, loss_at = sharpness_reference(pb, 0.2)
@@ -442,6 +457,15 @@ def test_a_checkpoint_round_trip_continues_the_robust_trajectory_bit_for_bit():
             lambda pb: Relearn(pb.forget, attack=pb.attack, max_norm=1.0, second_order=True),
             r"max_norm=\) clips the steps",
         ),
+        (
+            lambda pb: Relearn(pb.forget, attack=pb.attack, sign=True, max_norm=1.0),
+            r"sign=True\) moves every weight by exactly lr",
+        ),
+        (
+            lambda pb: Relearn(pb.forget, attack=pb.attack, sign=True, second_order=True),
+            r"no derivative to carry back",
+        ),
+        (lambda pb: Relearn(pb.forget, attack=pb.attack, sign=1), r"sign=\) must be a bool"),
         (lambda pb: Sharpness(pb.forget, rho=float("nan")), r"rho=\) must be a finite number"),
         (lambda pb: Inversion(pb.forget, input=pb.emb, norm=1), r"norm=\) must be 2 or math.inf"),
         (lambda pb: Inversion(pb.forget, input=pb.emb, eps=0.0), r"eps=\) must be a finite number > 0"),

@@ -199,6 +199,30 @@ def test_relearn_row_clips_its_steps_like_the_attack(max_norm, expected):
     assert rows["relearn"].max_norm == expected
 
 
+def test_relearn_sign_reaches_the_core_without_a_clip_and_old_runs_still_resume():
+    """relearn_sign=true gives Relearn(sign=True) and no clip (relearn_max_norm does not act, so it is not
+    recorded); a relearning row recorded before relearn_sign existed resumes at its default, false."""
+    import dataclasses
+
+    from constrained_opt.diffusion.methods.erasediff import BilevelHyper
+    from constrained_opt.diffusion.runtime.resume import check_resume
+
+    m = method(robust="relearn", relearn_sign=True, relearn_lr=1e-3)
+    _, forget = batches()
+    (row,) = [m.rows.constraints(m.eps, m.diffuse(forget), torch.zeros(4, 1, 8, 8))["relearn"]]
+    assert row.sign and row.max_norm is None and row.lr == 1e-3
+    assert "relearn_max_norm" not in RobustHyper(robust="relearn", relearn_sign=True).recorded()
+    defaults = dataclasses.asdict(BilevelHyper())
+    current = BilevelHyper(robust="relearn").recorded()
+    saved = {"method": "erasediff", "hparams": {k: v for k, v in current.items() if k != "relearn_sign"}}
+    check_resume("old row", saved, {"method": "erasediff", "hparams": current}, None, "", defaults)
+    signed = BilevelHyper(robust="relearn", relearn_sign=True).recorded()
+    with pytest.raises(UsageError, match="relearn_sign"):
+        check_resume("old row", saved, {"method": "erasediff", "hparams": signed}, None, "", defaults)
+    with pytest.raises(UsageError, match="relearn_sign must be true or false"):
+        method(robust="relearn", relearn_sign="yes")
+
+
 def test_a_run_records_only_the_settings_that_act():
     """Unused forms' settings are not recorded, so changing their defaults keeps old runs resumable,
     while a change to a setting that acts is still refused."""

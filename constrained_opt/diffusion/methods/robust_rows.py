@@ -8,7 +8,8 @@ label):
 
 * ``relearn``: :class:`~constrained_opt.Relearn`, L_a = L_train: the row is ∇L_c(θ′), θ′ = θ after
   ``relearn_steps`` SGD steps of size ``relearn_lr`` relearning the forget batch, each gradient clipped
-  to norm ``relearn_max_norm`` (1, as the relearning attack clips; 0: no clip);
+  to norm ``relearn_max_norm`` (1, as the relearning attack clips; 0: no clip), or (``relearn_sign``)
+  sign steps θ ← θ − β·sign(∇L_train), the relearning attack's first Adam step (no clip then);
 * ``sharpness``: :class:`~constrained_opt.Sharpness` of radius ``sharpness_rho``, L_a = L_c
   (``sharpness_attack="constraint"``, SAM) or L_a = −L_train (``"relearn"``: θ′ = θ − ρ·∇L_train/‖∇L_train‖);
 * ``inversion``: :class:`~constrained_opt.Inversion` over the forget class's embedding e (a copy of
@@ -36,7 +37,7 @@ from .base import Hyper
 
 SHARPNESS_ATTACKS = ("constraint", "relearn")
 FORM_SETTINGS = {
-    "relearn": ("relearn_steps", "relearn_lr", "relearn_max_norm"),
+    "relearn": ("relearn_steps", "relearn_lr", "relearn_max_norm", "relearn_sign"),
     "sharpness": ("sharpness_rho", "sharpness_attack"),
     "inversion": ("inversion_steps", "inversion_lr", "inversion_eps"),
 }
@@ -62,6 +63,7 @@ class RobustHyper(Hyper):
     relearn_steps: int = 1
     relearn_lr: float = 0.3
     relearn_max_norm: float = 1.0
+    relearn_sign: bool = False
     sharpness_rho: float = 0.3
     sharpness_attack: str = "constraint"
     inversion_steps: int = 3
@@ -71,8 +73,9 @@ class RobustHyper(Hyper):
     def __post_init__(self):
         super().__post_init__()
         forms = parse_forms(self.robust)
-        if not isinstance(self.keep_plain, bool):
-            raise UsageError(f"hyperparameter keep_plain must be true or false, got {self.keep_plain!r}")
+        for name in ("keep_plain", "relearn_sign"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"hyperparameter {name} must be true or false, got {getattr(self, name)!r}")
         if not self.keep_plain and not forms:
             raise UsageError("keep_plain=false drops the plain forget row; it needs robust=FORMS")
         if self.sharpness_attack not in SHARPNESS_ATTACKS:
@@ -88,11 +91,13 @@ class RobustHyper(Hyper):
         return parse_forms(self.robust)
 
     def recorded(self) -> dict[str, Any]:
-        """Every field but the settings of forms not in ``robust`` (and ``keep_plain`` without forms),
-        which do not act: changing their defaults leaves a run's record, and its ``--resume``, as it was."""
+        """Every field but the settings of forms not in ``robust`` (and ``keep_plain`` without forms,
+        ``relearn_max_norm`` with ``relearn_sign``), which do not act: changing their defaults leaves a
+        run's record, and its ``--resume``, as it was."""
         forms = self.robust_forms
         unused = [k for form, keys in FORM_SETTINGS.items() if form not in forms for k in keys]
         unused += [] if forms else ["keep_plain"]
+        unused += ["relearn_max_norm"] if self.relearn_sign else []
         return {k: v for k, v in super().recorded().items() if k not in unused}
 
 
@@ -137,7 +142,8 @@ class RobustRows:
                     attack=relearning,
                     steps=hp.relearn_steps,
                     lr=hp.relearn_lr,
-                    max_norm=hp.relearn_max_norm or None,
+                    max_norm=None if hp.relearn_sign else hp.relearn_max_norm or None,
+                    sign=hp.relearn_sign,
                 )
             elif form == "sharpness":
                 attack = (lambda: -relearning()) if hp.sharpness_attack == "relearn" else None
