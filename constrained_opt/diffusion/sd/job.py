@@ -67,6 +67,7 @@ class SDJob:
     robust: tuple[str, ...] = ()  # robust forget rows next to the plain one (EraseDiff; sd.robust)
     relearn_steps: int = 1
     relearn_lr: float = 1e-4
+    relearn_sign: bool = False  # sign steps, the attacker's first Adam step (Relearn(sign=True))
     relearn_images: str | None = None  # None: the relearning attacker uses the step's forget batch
     sharpness_rho: float = 0.05
     inversion_steps: int = 30
@@ -182,6 +183,8 @@ class SDJob:
                 f"--robust adds constraint rows to EraseDiff's optimizer; --method {self.method} trains with "
                 "a plain optimizer and has none: use --method erasediff"
             )
+        if self.relearn_sign and "relearn" not in self.robust:
+            raise UsageError("--relearn-sign shapes the relearning look-ahead: add relearn to --robust")
         if self.relearn_images is not None:
             if "relearn" not in self.robust:
                 raise UsageError(

@@ -79,7 +79,13 @@ class RobustRows:
         rows: dict[str, Any] = {row_name(concept, None): plain}
         for form in job.robust:
             if form == "relearn":
-                row = Relearn(plain, attack=of("relearn_attack"), steps=job.relearn_steps, lr=job.relearn_lr)
+                row = Relearn(
+                    plain,
+                    attack=of("relearn_attack"),
+                    steps=job.relearn_steps,
+                    lr=job.relearn_lr,
+                    sign=job.relearn_sign,
+                )
             elif form == "sharpness":
                 row = Sharpness(plain, rho=job.sharpness_rho)
             else:

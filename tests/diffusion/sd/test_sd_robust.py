@@ -16,6 +16,7 @@ import sd_tiny
 
 from constrained_opt.diffusion.jobs import sd_unlearn
 from constrained_opt.diffusion.sd import lora, params
+from constrained_opt.diffusion.sd import robust as sd_robust
 from constrained_opt.diffusion.sd.model import PrefixedPrompts, encode_prompts
 
 one_thread = sd_tiny.one_thread  # autouse: the tiny models run fastest on one intra-op thread
@@ -61,7 +62,8 @@ def write_images(folder, count: int) -> str:
 @pytest.mark.parametrize("scope", ["full", "noxattn", "lora"])
 def test_every_form_on_every_scope(model, cache, tmp_path, monkeypatch, scope):
     """Two steps with the three robust rows next to the plain one (LoRA: relearning on a folder of images;
-    noxattn: 2 micro-batches per step): each row's λ, loss and attacker loss in the history; only the
+    noxattn: 2 micro-batches per step and sign look-ahead steps): each row's λ, loss and attacker loss in
+    the history; only the
     scope's parameters move; the text encoder, the tokenizer and the VAE leave the job as they came,
     and the Inversion's tokens are back at x_0 after every step."""
     seen = {}
@@ -78,14 +80,23 @@ def test_every_form_on_every_scope(model, cache, tmp_path, monkeypatch, scope):
         seen["base"] = base_weights(unet)
         return save(unet, cls, out)
 
+    relearn_rows = []
+    constraints = sd_robust.RobustRows.constraints
+
+    def spy_constraints(self, *args):
+        rows = constraints(self, *args)
+        relearn_rows.append(rows["relearn"])
+        return rows
+
     monkeypatch.setattr(sd_unlearn, "robust_rows", spy_rows)
+    monkeypatch.setattr(sd_robust.RobustRows, "constraints", spy_constraints)
     monkeypatch.setattr(lora, "save_lora", keep_base)
     out = tmp_path / "out"
     extra = ""
     if scope == "lora":  # the relearning attacker on the user's images
         extra = f"--lora-rank 2 --relearn-images {write_images(tmp_path / 'imgs', 3)}"
     if scope == "noxattn":  # every closure and attacker is MicroBatches over 2 micro-batches
-        extra = "--gradient-accumulation-steps 2"
+        extra = "--gradient-accumulation-steps 2 --relearn-sign"
     cmd = f"unlearn sd --model {{}} --concept nudity --train-params {scope} {ALL} {extra} "
     cmd += "--out {} --cache-dir {}"
     assert run(cmd, model, out, cache) == 0
@@ -99,6 +110,7 @@ def test_every_form_on_every_scope(model, cache, tmp_path, monkeypatch, scope):
         assert step["attack_loss[inversion]"] < 0  # L_a = −(denoising loss under the attacked prompt)
         assert step["attack_loss[sharpness]"] == step["forget_loss[forget]"]  # SAM: L_a = L_c at θ
     assert record["settings"]["robust"] == ["relearn", "sharpness", "inversion"]
+    assert len(relearn_rows) == 2 and all(r.sign is (scope == "noxattn") for r in relearn_rows)
 
     original = load(model)
     pipe = seen["pipe"]
@@ -160,6 +172,7 @@ def test_two_concepts_get_their_rows_and_their_own_tokens(model, cache, tmp_path
         ("--robust sharpness --method esd", "use --method erasediff"),
         ("--robust sharpness --method salun", "use --method erasediff"),
         ("--robust sharpness --relearn-images {}", "add relearn to --robust"),
+        ("--robust inversion --relearn-sign", "--relearn-sign shapes the relearning look-ahead"),
         ("--robust relearn --relearn-images {}/missing", "image folder not found"),
         ("--robust relearn --relearn-images {} --concept cat", "serves one concept"),
         ("--robust inversion --inversion-norm 1", "argument --inversion-norm: invalid choice"),
