@@ -48,8 +48,6 @@ ROWS: dict[str, tuple[str, dict]] = {
     "erasediff": ("erasediff", {}),
     "erasediff_inversion": ("erasediff", {"robust": "inversion", "inversion_lr": 1.0}),
     "moo_inversion": ("moo", {"robust": "inversion", "inversion_lr": 1.0}),
-    # the inversion row at half the sweep's strength: α = 1 missed the goal on utility alone
-    "erasediff_inversion_0.5": ("erasediff", {"robust": "inversion", "inversion_lr": 0.5}),
     "meta_unlearning": ("meta_unlearning", {}),
     "advunlearn": ("advunlearn", {}),
 }
